@@ -40,7 +40,7 @@ class RopeConfig:
     attention_factor: float | None = None
 
     @classmethod
-    def from_text_dict(cls, d: dict[str, Any]) -> "RopeConfig":
+    def from_text_dict(cls, d: dict[str, Any]) -> RopeConfig:
         # rope_scaling is an older alias of rope_parameters, `type` of `rope_type`; theta and
         # partial_rotary_factor may also sit at the text-config level.
         params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
@@ -115,7 +115,7 @@ class TextConfig:
         return self.layer_types[layer] == "linear_attention"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], tie_default: bool = False) -> "TextConfig":
+    def from_dict(cls, d: dict[str, Any], tie_default: bool = False) -> TextConfig:
         ints = (
             "hidden_size intermediate_size num_hidden_layers num_attention_heads "
             "num_key_value_heads linear_num_key_heads linear_num_value_heads linear_key_head_dim "
@@ -249,9 +249,11 @@ class VisionConfig:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], text_hidden: int) -> "VisionConfig":
+    def from_dict(cls, d: dict[str, Any], text_hidden: int) -> VisionConfig:
         vt = d.get("model_type", "qwen3_5_vision")
-        _require(vt in VISION_MODEL_TYPES, f"vision_config.model_type {vt!r} is not a Qwen3.5 tower")
+        _require(
+            vt in VISION_MODEL_TYPES, f"vision_config.model_type {vt!r} is not a Qwen3.5 tower"
+        )
         _require(
             not d.get("deepstack_visual_indexes"),
             "vision_config.deepstack_visual_indexes must be empty: Qwen3.5 has no deepstack "
@@ -270,7 +272,8 @@ class VisionConfig:
                 )
                 setattr(cfg, name, value)
         cfg.hidden_act = d.get("hidden_act", cfg.hidden_act)
-        cfg.rope_theta = float(d.get("rope_theta", cfg.rope_theta))
+        rope = d.get("rope_parameters") or {}
+        cfg.rope_theta = float(d.get("rope_theta", rope.get("rope_theta", cfg.rope_theta)))
         _require(
             cfg.hidden_size % cfg.num_heads == 0,
             f"vision_config.hidden_size {cfg.hidden_size} must be a multiple of num_heads",
@@ -296,6 +299,7 @@ class VisionConfig:
             "num_position_embeddings": self.num_position_embeddings,
             "out_hidden_size": self.out_hidden_size,
             "hidden_act": self.hidden_act,
+            "rope_theta": self.rope_theta,
             "deepstack_visual_indexes": [],
         }
 
@@ -319,7 +323,7 @@ class ModelConfig:
         return self.text.tie_word_embeddings
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         model_type = d.get("model_type")
         _require(
             model_type in MODEL_TYPES,

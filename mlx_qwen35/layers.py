@@ -104,7 +104,8 @@ class MRoPE(nn.Module):
                 rope, self.dims, args.max_position_embeddings
             )
         else:
-            inv_freq = 1.0 / (rope.theta ** (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims))
+            exponents = mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims
+            inv_freq = 1.0 / (rope.theta**exponents)
             self.attention_factor = 1.0
         self._inv_freq = inv_freq
         self._freqs = 1.0 / inv_freq  # mx.fast.rope takes wavelengths

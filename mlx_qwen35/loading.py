@@ -76,7 +76,7 @@ def _download(repo_id: str) -> Path:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The shards to read: those named by the index if there is one, else every model*.safetensors."""
+    """The shards to read: those the index names, else every model*.safetensors."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:

@@ -125,7 +125,7 @@ class Qwen3_5TextModel(nn.Module):
         mask, pad_mask, position_ids = _masks_and_positions(
             B, T, attn_cache, attention_mask, position_ids
         )
-        for layer, c in zip(self.layers, cache):
+        for layer, c in zip(self.layers, cache, strict=False):
             h = layer(h, mask, c, position_ids, pad_mask)
         return self.norm(h)
 

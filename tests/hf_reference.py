@@ -2,8 +2,8 @@
 
 Every tensor is perturbed before saving: freshly initialised norm weights are zero (HF stores w of
 norm(x)·(1+w)) and would hide a missing or doubled +1; A_log/dt_bias at their init values would hide
-gate mistakes. The configs vary the shapes that ports get wrong (Hv/Hk > 1, Dk != Dv, head_dim != 256,
-non-standard layer_types, tied and untied heads).
+gate mistakes. The configs vary the shapes that ports get wrong (Hv/Hk > 1, Dk != Dv,
+head_dim != 256, non-standard layer_types, tied and untied heads).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def build_hf_model(
 def perturb(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if p.ndim == 1:
                 # norms (zero-centred in HF), biases, A_log, dt_bias: clearly non-trivial values

@@ -3,8 +3,8 @@ correct): within 1e-4 relative to the largest reference logit, on configs that s
 
 from __future__ import annotations
 
-import numpy as np
 import mlx.core as mx
+import numpy as np
 import pytest
 from hf_reference import hf_logits
 
@@ -61,7 +61,10 @@ def test_prefill_in_uneven_steps_matches(models):
     ids = random_ids(1, 50, seed=4)
     ref = hf_logits(hf, ids)
     cache = model.make_cache()
-    pieces = [np.array(model(mx.array(ids[:, a:b]), cache=cache)) for a, b in [(0, 17), (17, 18), (18, 50)]]
+    pieces = [
+        np.array(model(mx.array(ids[:, a:b]), cache=cache))
+        for a, b in [(0, 17), (17, 18), (18, 50)]
+    ]
     assert rel_err(np.concatenate(pieces, axis=1), ref) < TOL
 
 
@@ -78,7 +81,9 @@ def test_left_padded_batch_matches_reference_and_decodes(models):
     alone = hf_logits(hf, ids[1:, 4:])
     assert rel_err(full[1, 4:], alone[0]) < TOL
     cache = model.make_cache()
-    pieces = [np.array(model(mx.array(ids[:, :8]), cache=cache, attention_mask=mx.array(mask[:, :8])))]
+    pieces = [
+        np.array(model(mx.array(ids[:, :8]), cache=cache, attention_mask=mx.array(mask[:, :8])))
+    ]
     for t in range(8, 12):
         pieces.append(np.array(model(mx.array(ids[:, t : t + 1]), cache=cache)))
     inc = np.concatenate(pieces, axis=1)
