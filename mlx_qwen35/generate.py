@@ -1,0 +1,503 @@
+"""The generation loop and `python -m mlx_qwen35.generate`.
+
+    model, processor = mlx_qwen35.load("tiny-random")
+    text = generate(model, processor, "Tell me a story", max_tokens=64)
+    for response in stream_generate(model, processor, messages, temp=0.7, top_p=0.8):
+        print(response.text, end="", flush=True)
+
+The loop follows gpt-fast / mlx-lm: the prompt is prefilled in steps of `prefill_step_size`
+evaluating only the caches (the head never runs on prompt positions), the last step runs the head
+on the last position only, and each next token is queued (async eval) before the current one is
+handed out, so the Python side overlaps the device.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import click
+import mlx.core as mx
+from mlx_lm.generate import wired_limit
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .chat import build_messages
+from .errors import UserError
+
+DEFAULT_MODEL = "mlx-community/Qwen3.5-4B-MLX-4bit"
+DEFAULT_PROMPT = "hello"
+# Prefill progress bar: for multi-step prompts at least this long, or any multi-step one if verbose.
+PROGRESS_MIN_TOKENS = 4096
+
+# A stream of its own for generation, one per thread, as mlx-lm does.
+_STREAM = mx.new_thread_local_stream(mx.default_device())
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`.
+
+    text: the next piece of decoded text (may be empty while a character is incomplete).
+    token: the token id of this step.
+    logprobs: log-probabilities [vocab] this token was sampled from.
+    prompt_tokens / prompt_tps: prompt length and prompt-processing speed (tokens/s).
+    generation_tokens / generation_tps: tokens generated so far and decoding speed (tokens/s).
+    peak_memory: peak memory used so far, in GB.
+    finish_reason: None while generating, then "stop" (an end-of-turn token) or "length".
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None = None
+
+
+def check_sampling(
+    *,
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float | None,
+    presence_penalty: float | None,
+    prefill_step_size: int,
+) -> None:
+    """Raise UserError, saying what to pass instead, for any out-of-range setting."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not is_int(max_tokens) or max_tokens <= 0:
+        raise UserError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if not is_num(temp) or temp < 0:
+        raise UserError(f"temp must be a number >= 0 (0 = greedy), got {temp!r}")
+    if not is_num(top_p) or not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if not is_int(top_k) or top_k < 0:
+        raise UserError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not is_num(min_p) or not 0 <= min_p <= 1:
+        raise UserError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
+    if repetition_penalty is not None and (
+        not is_num(repetition_penalty) or repetition_penalty <= 0
+    ):
+        raise UserError(
+            f"repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty!r}"
+        )
+    if presence_penalty is not None and not is_num(presence_penalty):
+        raise UserError(f"presence_penalty must be a finite number, got {presence_penalty!r}")
+    if not is_int(prefill_step_size) or prefill_step_size <= 0:
+        raise UserError(f"prefill_step_size must be a positive integer, got {prefill_step_size!r}")
+
+
+def prompt_tokens(
+    processor: Any,
+    prompt: str | Sequence[Mapping[str, Any]] | Sequence[int] | mx.array,
+    *,
+    system: str | None = None,
+    enable_thinking: bool | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids for a prompt given as text (one user turn, rendered through the chat template
+    as mlx-lm does), a list of chat messages, or token ids (used as they are)."""
+    if isinstance(prompt, mx.array):
+        prompt = prompt.reshape(-1).tolist()
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError("the prompt is empty; pass some text (--prompt TEXT, or - for stdin)")
+        if not processor.has_chat_template:
+            if system is not None:
+                raise UserError(
+                    "this model has no chat template, so it cannot take a system prompt"
+                )
+            return processor.encode(prompt, add_special_tokens=True)
+        prompt = build_messages(prompt, system)
+    elif system is not None and _is_messages(prompt):
+        prompt = list(prompt)
+        if prompt and prompt[0].get("role") == "system":
+            raise UserError("the messages already start with a system message; drop `system`")
+        prompt = [{"role": "system", "content": system}, *prompt]
+    if _is_messages(prompt):
+        text = processor.apply_chat_template(
+            prompt, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools
+        )
+        return processor.encode(text)
+    ids = list(prompt)
+    if not ids:
+        raise UserError("the prompt is empty; pass some text, messages or token ids")
+    if system is not None:
+        raise UserError("`system` applies to text or message prompts, not to token ids")
+    vocab = processor.config.text.vocab_size
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise UserError(f"token ids must be integers in [0, {vocab}); got {ids[:8]}...")
+    return ids
+
+
+def _is_messages(prompt: Any) -> bool:
+    return (
+        isinstance(prompt, Sequence)
+        and not isinstance(prompt, str)
+        and len(prompt) > 0
+        and all(isinstance(m, Mapping) for m in prompt)
+    )
+
+
+def _last_logits(model: Any, tokens: mx.array, cache: list[Any]) -> mx.array:
+    """Logits [1, vocab] of the last position of `tokens` [1, T]: the head runs there only."""
+    hidden = model.hidden_states(tokens, cache)
+    return model.language_model.logits(hidden[:, -1:, :])[:, -1, :]
+
+
+def generate_step(
+    model: Any,
+    prompt: mx.array,
+    *,
+    max_tokens: int,
+    sampler: Any,
+    logits_processors: Sequence[Any] = (),
+    presence_processors: Sequence[Any] = (),
+    prefill_step_size: int = 2048,
+    cache: list[Any] | None = None,
+    on_prefill: Any = None,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs) for up to `max_tokens` steps after the 1-D `prompt`.
+
+    `logits_processors` see the prompt and the generated tokens; `presence_processors` only the
+    generated ones (the OpenAI/vLLM presence penalty); `on_prefill(n)` is told about each prefill
+    step of n tokens.
+    """
+    cache = model.make_cache() if cache is None else cache
+    history = prompt if logits_processors else None
+    generated: mx.array | None = None
+
+    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
+        for processor in logits_processors:
+            logits = processor(history, logits)
+        if generated is not None:
+            for processor in presence_processors:
+                logits = processor(generated, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs[0]
+
+    def step(y: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history, generated
+        if history is not None:
+            history = mx.concatenate([history, y])
+        if presence_processors:
+            generated = y if generated is None else mx.concatenate([generated, y])
+        return sample(model(y[None], cache=cache)[:, -1, :])
+
+    with mx.stream(_STREAM):
+        # All chunks but the last only fill the caches; nothing asks for their hidden states.
+        last = (prompt.size - 1) // prefill_step_size * prefill_step_size
+        for start in range(0, last, prefill_step_size):
+            model.hidden_states(prompt[None, start : start + prefill_step_size], cache)
+            mx.eval([c.state for c in cache])
+            if on_prefill is not None:
+                on_prefill(prefill_step_size)
+            mx.clear_cache()
+        y, logprobs = sample(_last_logits(model, prompt[None, last:], cache))
+        mx.async_eval(y, logprobs)
+        for n in range(max_tokens):
+            if n + 1 < max_tokens:
+                next_y, next_logprobs = step(y)
+                mx.async_eval(next_y, next_logprobs)
+            if n == 0 and on_prefill is not None:
+                mx.eval(y)
+                on_prefill(prompt.size - last)
+            yield y.item(), logprobs
+            if n + 1 < max_tokens:
+                y, logprobs = next_y, next_logprobs
+            if n % 256 == 255:
+                mx.clear_cache()
+
+
+def stream_generate(
+    model: Any,
+    processor: Any,
+    prompt: str | Sequence[Mapping[str, Any]] | Sequence[int] | mx.array,
+    max_tokens: int = 256,
+    *,
+    system: str | None = None,
+    enable_thinking: bool | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    presence_penalty: float | None = None,
+    seed: int | None = None,
+    prefill_step_size: int = 2048,
+    verbose: bool = False,
+) -> Iterator[GenerationResponse]:
+    """Generate a reply to `prompt`, one `GenerationResponse` per token.
+
+    prompt: text (one user turn through the chat template), chat messages, or token ids.
+    system: a system prompt for text/message prompts. enable_thinking: True/False switch the
+        template's thinking mode; None keeps the template's default. tools: tool schemas.
+    temp/top_p/top_k/min_p: sampling (temp 0 = greedy). repetition_penalty: multiplicative, over
+        the last `repetition_context_size` tokens. presence_penalty: subtracted once from every
+        token generated so far. seed: seeds MLX's random generator.
+    Stops at an end-of-turn token (<|im_end|>, generation_config's eos) or after `max_tokens`.
+    """
+    check_sampling(
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        prefill_step_size=prefill_step_size,
+    )
+    ids = prompt_tokens(
+        processor, prompt, system=system, enable_thinking=enable_thinking, tools=tools
+    )
+    context = processor.max_position_embeddings
+    if len(ids) >= context:
+        raise UserError(
+            f"the prompt has {len(ids)} tokens but the model's context is {context} tokens; "
+            "shorten the prompt"
+        )
+    max_tokens = min(max_tokens, context - len(ids))
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    logits_processors = make_logits_processors(
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+    )
+    # vLLM semantics: every generated token counts, the prompt does not.
+    presence_processors = make_logits_processors(
+        presence_penalty=presence_penalty, presence_context_size=max_tokens
+    )
+    progress = _progress_bar(len(ids), prefill_step_size, verbose)
+    tokens = generate_step(
+        model,
+        mx.array(ids, dtype=mx.uint32),
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        presence_processors=presence_processors,
+        prefill_step_size=prefill_step_size,
+        on_prefill=progress.update if progress is not None else None,
+    )
+    detokenizer = processor.tokenizer.detokenizer
+    eos = processor.eos_token_ids
+    with wired_limit(model, [_STREAM]):
+        tic = time.perf_counter()
+        prompt_tps = 0.0
+        for n, (token, logprobs) in enumerate(tokens):
+            if n == 0:
+                prompt_tps = len(ids) / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+                if progress is not None:
+                    progress.close()
+            finish = "stop" if token in eos else ("length" if n + 1 == max_tokens else None)
+            if finish != "stop":
+                detokenizer.add_token(token)
+            if finish is not None:
+                detokenizer.finalize()
+            elapsed = time.perf_counter() - tic
+            yield GenerationResponse(
+                text=detokenizer.last_segment,
+                token=token,
+                logprobs=logprobs,
+                prompt_tokens=len(ids),
+                prompt_tps=prompt_tps,
+                generation_tokens=n + 1,
+                generation_tps=n / elapsed if n > 0 and elapsed > 0 else 0.0,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                finish_reason=finish,
+            )
+            if finish is not None:
+                break
+
+
+def _progress_bar(prompt_len: int, step: int, verbose: bool) -> Any:
+    """A prefill bar for prompts that take several steps, when verbose or long."""
+    if prompt_len <= step or not (verbose or prompt_len >= PROGRESS_MIN_TOKENS):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=prompt_len, desc="Prefill", unit="tok", leave=False, file=sys.stderr)
+
+
+def generate(
+    model: Any,
+    processor: Any,
+    prompt: str | Sequence[Mapping[str, Any]] | Sequence[int] | mx.array,
+    max_tokens: int = 256,
+    *,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """The whole reply as one string; keyword arguments as for `stream_generate`.
+
+    With `verbose`, the text is printed as it streams, followed by prompt and generation speed
+    and peak memory, as mlx-lm prints them.
+    """
+    text = ""
+    response = None
+    for response in stream_generate(
+        model, processor, prompt, max_tokens, verbose=verbose, **kwargs
+    ):
+        if verbose:
+            if response.generation_tokens == 1:
+                print("=" * 10)
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print()
+        print("=" * 10)
+        print_stats(response)
+    return text
+
+
+def print_stats(response: GenerationResponse) -> None:
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+    print(
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.3f} tokens-per-sec"
+    )
+    print(f"Peak memory: {response.peak_memory:.3f} GB")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Local checkpoint directory, Hugging Face repo id, or tiny-random (built in, offline).",
+)
+@click.option(
+    "--prompt",
+    "-p",
+    default=DEFAULT_PROMPT,
+    show_default=True,
+    help="The user message; - reads it from stdin.",
+)
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-tokens", "-m", type=int, default=256, show_default=True)
+@click.option(
+    "--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy)."
+)
+@click.option(
+    "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling (1 = off)."
+)
+@click.option("--top-k", type=int, default=0, show_default=True, help="Top-k sampling (0 = off).")
+@click.option(
+    "--min-p", type=float, default=0.0, show_default=True, help="Min-p sampling (0 = off)."
+)
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    default=None,
+    help="Multiplicative penalty for the last 20 tokens (1 = off).",
+)
+@click.option(
+    "--presence-penalty",
+    type=float,
+    default=None,
+    help="Subtracted from the logits of every token generated so far.",
+)
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option(
+    "--think/--no-think",
+    "think",
+    default=None,
+    help="Turn the thinking block on or off (default: the chat template's default).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Cast the weights (default: as stored).",
+)
+@click.option(
+    "--prefill-step-size",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Prompt tokens per prefill step (bounds memory for long prompts).",
+)
+@click.option("--verbose", is_flag=True, help="Print prompt/generation speed and peak memory.")
+def main(
+    model: str,
+    prompt: str,
+    system: str | None,
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float | None,
+    presence_penalty: float | None,
+    seed: int | None,
+    think: bool | None,
+    dtype: str | None,
+    prefill_step_size: int,
+    verbose: bool,
+) -> None:
+    """Generate a reply from a Qwen3.5 model, streaming it to stdout."""
+    from .loading import load
+
+    try:
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        sampling = dict(
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+        )
+        # Check what needs no model before loading one (which may mean a download).
+        check_sampling(max_tokens=max_tokens, prefill_step_size=prefill_step_size, **sampling)
+        if not prompt.strip():
+            raise UserError("the prompt is empty; pass some text (--prompt TEXT, or - for stdin)")
+        qwen, processor = load(model, dtype=dtype)
+        response = None
+        for response in stream_generate(
+            qwen,
+            processor,
+            prompt,
+            max_tokens,
+            system=system,
+            enable_thinking=think,
+            seed=seed,
+            prefill_step_size=prefill_step_size,
+            verbose=verbose,
+            **sampling,
+        ):
+            if verbose and response.generation_tokens == 1:
+                print("=" * 10)
+            print(response.text, end="", flush=True)
+        print()
+        if verbose and response is not None:
+            print("=" * 10)
+            print_stats(response)
+    except UserError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
