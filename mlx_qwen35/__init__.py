@@ -5,20 +5,30 @@
     print(mlx_qwen35.generate(model, processor, "Hello", max_tokens=32))
 """
 
-from .errors import UserError
-from .generate import GenerationResponse, generate, stream_generate
-from .loading import load
-from .model import Model
-from .processor import Processor
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GenerationResponse",
-    "Model",
-    "Processor",
-    "UserError",
-    "generate",
-    "load",
-    "stream_generate",
-]
+# Imported on first use: `python -m mlx_qwen35.generate` must not find its own module already
+# imported by the package (runpy warns on stderr), and `import mlx_qwen35` stays cheap.
+_EXPORTS = {
+    "ChatSession": "session",
+    "GenerationResponse": "generate",
+    "Model": "model",
+    "Processor": "processor",
+    "UserError": "errors",
+    "generate": "generate",
+    "load": "loading",
+    "stream_generate": "generate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mlx_qwen35' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
