@@ -4,11 +4,16 @@
     text = generate(model, processor, "Tell me a story", max_tokens=64)
     for response in stream_generate(model, processor, messages, temp=0.7, top_p=0.8):
         print(response.text, end="", flush=True)
+    text = generate(model, processor, "What is in the picture?", images=["cat.png"])
 
 The loop follows gpt-fast / mlx-lm: the prompt is prefilled in steps of `prefill_step_size`
 evaluating only the caches (the head never runs on prompt positions), the last step runs the head
 on the last position only, and each next token is queued (async eval) before the current one is
 handed out, so the Python side overlaps the device.
+
+With images or videos the vision tower runs once, before prefill (`Model.prepare_inputs`): the
+prefill steps take slices of the merged embeddings and of the precomputed 3-D positions, and
+decoding continues from the position the cache records.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .chat import build_messages
 from .errors import UserError
+from .processor import check_media_options
 
 DEFAULT_MODEL = "mlx-community/Qwen3.5-4B-MLX-4bit"
 DEFAULT_PROMPT = "hello"
@@ -154,9 +160,134 @@ def _is_messages(prompt: Any) -> bool:
     )
 
 
-def _last_logits(model: Any, tokens: mx.array, cache: list[Any]) -> mx.array:
+def media_messages(
+    prompt: str | Sequence[Mapping[str, Any]],
+    images: Sequence[Any] = (),
+    videos: Sequence[Any] = (),
+    system: str | None = None,
+) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
+    """Chat messages with one content part per image and video, and the media in prompt order.
+
+    A text prompt becomes one user turn: the images, then the videos, then the text. In a message
+    list, each `{"type": "image"}` / `{"type": "video"}` part takes its item from the part's
+    "image" / "video" key when present, else the next one of `images` / `videos`; every item
+    must find a part.
+    """
+    images, videos = list(images or ()), list(videos or ())
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError("the prompt is empty; pass some text (--prompt TEXT, or - for stdin)")
+        parts = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+        messages = build_messages(prompt, system)
+        messages[-1]["content"] = [*parts, {"type": "text", "text": prompt}]
+        return messages, images, videos
+    if not _is_messages(prompt):
+        raise UserError(
+            "images and videos need a text or chat-message prompt; token ids cannot place them"
+        )
+    messages = [dict(m) for m in prompt]
+    if system is not None:
+        if messages[0].get("role") == "system":
+            raise UserError("the messages already start with a system message; drop `system`")
+        messages.insert(0, {"role": "system", "content": system})
+    given = {"image": iter(images), "video": iter(videos)}
+    found: dict[str, list[Any]] = {"image": [], "video": []}
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) or not isinstance(content, Sequence):
+            continue
+        for part in content:
+            kind = _media_kind(part)
+            if kind is None:
+                continue
+            item = part.get(kind)
+            if item is None:
+                item = next(given[kind], None)
+            if item is None:
+                raise UserError(
+                    f"the messages have more {kind} parts than {kind}s given; pass one {kind} per "
+                    f"{kind} part (in {kind}s=[...] or the part's {kind!r} key)"
+                )
+            found[kind].append(item)
+    for kind, rest in given.items():
+        extra = len(list(rest))
+        if extra:
+            raise UserError(
+                f"{extra} {kind}(s) left over: the messages have {len(found[kind])} {kind} "
+                f"part(s); add a {{'type': '{kind}'}} part for each {kind}"
+            )
+    return messages, found["image"], found["video"]
+
+
+def _has_media_parts(prompt: Any) -> bool:
+    if not _is_messages(prompt):
+        return False
+    for message in prompt:
+        content = message.get("content")
+        if isinstance(content, Sequence) and not isinstance(content, str):
+            if any(_media_kind(part) for part in content):
+                return True
+    return False
+
+
+def _media_kind(part: Any) -> str | None:
+    if not isinstance(part, Mapping):
+        return None
+    if part.get("type") == "image" or "image" in part:
+        return "image"
+    if "image_url" in part:
+        raise UserError(
+            "image_url parts are not supported; use {'type': 'image', 'image': PATH} or pass "
+            "images=[...]"
+        )
+    if part.get("type") == "video" or "video" in part:
+        return "video"
+    return None
+
+
+def prepare_prompt(
+    model: Any,
+    processor: Any,
+    prompt: str | Sequence[Mapping[str, Any]] | Sequence[int] | mx.array,
+    *,
+    images: Sequence[Any] | None = None,
+    videos: Sequence[Any] | None = None,
+    system: str | None = None,
+    enable_thinking: bool | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> tuple[list[int], mx.array | None, mx.array | None]:
+    """(token ids, input_embeddings [1, T, H] or None, position_ids [3, 1, T] or None).
+
+    Text prompts give ids only. With images/videos the prompt is rendered with their
+    placeholders, expanded by the processor, and the vision tower runs here, once.
+    """
+    if not images and not videos and not _has_media_parts(prompt):
+        ids = prompt_tokens(
+            processor, prompt, system=system, enable_thinking=enable_thinking, tools=tools
+        )
+        config = processor.config
+        for kind, token_id in (("image", config.image_token_id), ("video", config.video_token_id)):
+            if token_id in ids:
+                raise UserError(
+                    f"the prompt holds {kind} placeholder tokens but no {kind}s were given; pass "
+                    f"{kind}s=[...] (--{kind} PATH) or remove the placeholders"
+                )
+        return ids, None, None
+    if isinstance(prompt, mx.array):
+        prompt = prompt.reshape(-1).tolist()
+    messages, image_items, video_items = media_messages(prompt, images, videos, system)
+    text = processor.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools
+    )
+    inputs = processor(text=text, images=image_items or None, videos=video_items or None)
+    media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    embeddings, positions = model.prepare_inputs(inputs["input_ids"], **media)
+    return inputs["input_ids"][0].tolist(), embeddings, positions
+
+
+def _last_logits(model: Any, tokens: mx.array, cache: list[Any], **kwargs: Any) -> mx.array:
     """Logits [1, vocab] of the last position of `tokens` [1, T]: the head runs there only."""
-    hidden = model.hidden_states(tokens, cache)
+    hidden = model.hidden_states(tokens, cache, **kwargs)
     return model.language_model.logits(hidden[:, -1:, :])[:, -1, :]
 
 
@@ -171,14 +302,30 @@ def generate_step(
     prefill_step_size: int = 2048,
     cache: list[Any] | None = None,
     on_prefill: Any = None,
+    input_embeddings: mx.array | None = None,
+    position_ids: mx.array | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) for up to `max_tokens` steps after the 1-D `prompt`.
 
     `logits_processors` see the prompt and the generated tokens; `presence_processors` only the
     generated ones (the OpenAI/vLLM presence penalty); `on_prefill(n)` is told about each prefill
-    step of n tokens.
+    step of n tokens. `input_embeddings` [1, T, H] and `position_ids` [3, 1, T] (from
+    `Model.prepare_inputs`, for prompts with images or videos) replace the prompt's embeddings and
+    positions; prefill steps take slices of them, decoding continues from the cache.
     """
     cache = model.make_cache() if cache is None else cache
+    input_embeddings, position_ids = _check_prepared(prompt, input_embeddings, position_ids)
+    if input_embeddings is not None:
+        mx.eval(input_embeddings)  # the vision tower runs once, not once per prefill step
+
+    def chunk(start: int, end: int | None) -> dict[str, mx.array]:
+        kwargs = {}
+        if input_embeddings is not None:
+            kwargs["input_embeddings"] = input_embeddings[:, start:end]
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids[..., start:end]
+        return kwargs
+
     history = prompt if logits_processors else None
     generated: mx.array | None = None
 
@@ -203,12 +350,13 @@ def generate_step(
         # All chunks but the last only fill the caches; nothing asks for their hidden states.
         last = (prompt.size - 1) // prefill_step_size * prefill_step_size
         for start in range(0, last, prefill_step_size):
-            model.hidden_states(prompt[None, start : start + prefill_step_size], cache)
+            end = start + prefill_step_size
+            model.hidden_states(prompt[None, start:end], cache, **chunk(start, end))
             mx.eval([c.state for c in cache])
             if on_prefill is not None:
                 on_prefill(prefill_step_size)
             mx.clear_cache()
-        y, logprobs = sample(_last_logits(model, prompt[None, last:], cache))
+        y, logprobs = sample(_last_logits(model, prompt[None, last:], cache, **chunk(last, None)))
         mx.async_eval(y, logprobs)
         for n in range(max_tokens):
             if n + 1 < max_tokens:
@@ -224,12 +372,42 @@ def generate_step(
                 mx.clear_cache()
 
 
+def _check_prepared(
+    prompt: mx.array, embeddings: mx.array | None, positions: mx.array | None
+) -> tuple[mx.array | None, mx.array | None]:
+    """Embeddings as [1, T, H] and positions as [3, 1, T] for the 1-D `prompt` of T tokens."""
+    T = prompt.size
+    if embeddings is not None:
+        if embeddings.ndim == 2:
+            embeddings = embeddings[None]
+        if embeddings.ndim != 3 or embeddings.shape[:2] != (1, T):
+            raise UserError(
+                f"input_embeddings must be [1, {T}, hidden] for a prompt of {T} tokens, got "
+                f"{list(embeddings.shape)}"
+            )
+    if positions is not None:
+        positions = mx.array(positions)
+        if positions.ndim == 2:
+            positions = positions[:, None]
+        if positions.shape != (3, 1, T):
+            raise UserError(
+                f"position_ids must be [3, 1, {T}] for a prompt of {T} tokens, got "
+                f"{list(positions.shape)}"
+            )
+    return embeddings, positions
+
+
 def stream_generate(
     model: Any,
     processor: Any,
     prompt: str | Sequence[Mapping[str, Any]] | Sequence[int] | mx.array,
     max_tokens: int = 256,
     *,
+    images: Sequence[Any] | None = None,
+    videos: Sequence[Any] | None = None,
+    fps: float | None = None,
+    max_pixels: int | None = None,
+    max_frames: int | None = None,
     system: str | None = None,
     enable_thinking: bool | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
@@ -247,6 +425,11 @@ def stream_generate(
     """Generate a reply to `prompt`, one `GenerationResponse` per token.
 
     prompt: text (one user turn through the chat template), chat messages, or token ids.
+    images / videos: media for the prompt (paths, PIL images, uint8 arrays; videos also folders of
+        frames, GIF/WebP, video files with PyAV, frame lists or processing.VideoFrames). A text
+        prompt shows them before the text; chat messages place them with image/video parts.
+    fps / max_frames: video frame sampling rate and frame limit; max_pixels: pixel cap per image
+        and per video frame (None keeps the checkpoint's preprocessor settings).
     system: a system prompt for text/message prompts. enable_thinking: True/False switch the
         template's thinking mode; None keeps the template's default. tools: tool schemas.
     temp/top_p/top_k/min_p: sampling (temp 0 = greedy). repetition_penalty: multiplicative, over
@@ -264,8 +447,19 @@ def stream_generate(
         presence_penalty=presence_penalty,
         prefill_step_size=prefill_step_size,
     )
-    ids = prompt_tokens(
-        processor, prompt, system=system, enable_thinking=enable_thinking, tools=tools
+    if fps is not None or max_pixels is not None or max_frames is not None:
+        processor = processor.with_media_options(
+            fps=fps, max_pixels=max_pixels, max_frames=max_frames
+        )
+    ids, embeddings, positions = prepare_prompt(
+        model,
+        processor,
+        prompt,
+        images=images,
+        videos=videos,
+        system=system,
+        enable_thinking=enable_thinking,
+        tools=tools,
     )
     context = processor.max_position_embeddings
     if len(ids) >= context:
@@ -294,6 +488,8 @@ def stream_generate(
         presence_processors=presence_processors,
         prefill_step_size=prefill_step_size,
         on_prefill=progress.update if progress is not None else None,
+        input_embeddings=embeddings,
+        position_ids=positions,
     )
     detokenizer = processor.tokenizer.detokenizer
     eos = processor.eos_token_ids
@@ -391,6 +587,39 @@ def print_stats(response: GenerationResponse) -> None:
     help="The user message; - reads it from stdin.",
 )
 @click.option("--system", default=None, help="System prompt.")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="PATH",
+    help="An image to show the model (repeatable; shown before the prompt, in order).",
+)
+@click.option(
+    "--video",
+    "videos",
+    multiple=True,
+    metavar="PATH",
+    help="A video (file, animated GIF/WebP or folder of frames; repeatable).",
+)
+@click.option(
+    "--fps",
+    type=float,
+    default=None,
+    help="Video frames sampled per second (default: the checkpoint's, usually 2).",
+)
+@click.option(
+    "--max-pixels",
+    type=int,
+    default=None,
+    help="Pixel cap per image and per video frame; larger ones are scaled down before the "
+    "vision tower (default: the checkpoint's).",
+)
+@click.option(
+    "--max-frames",
+    type=int,
+    default=None,
+    help="Most frames sampled from one video (default: the checkpoint's).",
+)
 @click.option("--max-tokens", "-m", type=int, default=256, show_default=True)
 @click.option(
     "--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy)."
@@ -439,6 +668,11 @@ def main(
     model: str,
     prompt: str,
     system: str | None,
+    images: tuple[str, ...],
+    videos: tuple[str, ...],
+    fps: float | None,
+    max_pixels: int | None,
+    max_frames: int | None,
     max_tokens: int,
     temp: float,
     top_p: float,
@@ -468,6 +702,7 @@ def main(
         )
         # Check what needs no model before loading one (which may mean a download).
         check_sampling(max_tokens=max_tokens, prefill_step_size=prefill_step_size, **sampling)
+        check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         if not prompt.strip():
             raise UserError("the prompt is empty; pass some text (--prompt TEXT, or - for stdin)")
         qwen, processor = load(model, dtype=dtype)
@@ -477,6 +712,11 @@ def main(
             processor,
             prompt,
             max_tokens,
+            images=list(images),
+            videos=list(videos),
+            fps=fps,
+            max_pixels=max_pixels,
+            max_frames=max_frames,
             system=system,
             enable_thinking=think,
             seed=seed,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,11 +144,15 @@ def _rename(key: str) -> str | None:
 
 
 def sanitize(
-    weights: dict[str, mx.array], config: ModelConfig, with_vision: bool = True
+    weights: dict[str, mx.array],
+    config: ModelConfig,
+    with_vision: bool = True,
+    vision_tower: Any = None,
 ) -> dict[str, mx.array]:
     """Tensors of any readable layout -> our layout (see module docstring).
 
-    Vision tensors are kept only `with_vision` (and when the config has a tower).
+    Vision tensors are kept only `with_vision` (and when the config has a tower); original HF
+    ones go through `vision_tower.sanitize_hf` (a tower is built from the config if none is given).
     """
     layout = checkpoint_layout(weights, config)
     out: dict[str, mx.array] = {}
@@ -168,12 +173,18 @@ def sanitize(
     if config.text.tie_word_embeddings:
         out.pop("language_model.lm_head.weight", None)
     if vision and with_vision and config.vision is not None:
-        from .vision import VisionModel
-
         if layout == "hf":
-            vision = VisionModel.sanitize_hf(vision)
+            if vision_tower is None:
+                from .vision import VisionModel
+
+                vision_tower = VisionModel(config.vision)
+            vision = vision_tower.sanitize_hf(vision)
         out.update({f"vision_tower.{k}": v for k, v in vision.items()})
     return out
+
+
+def has_vision_weights(weights: dict[str, mx.array]) -> bool:
+    return any(k.startswith(("model.visual.", "vision_tower.")) for k in weights)
 
 
 def _quantize(model: nn.Module, weights: dict[str, mx.array], config: ModelConfig) -> None:
@@ -217,9 +228,13 @@ def load_model(model_dir: str | Path, dtype: str | mx.Dtype | None = None) -> Mo
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     dtype = parse_dtype(dtype)
+    raw = read_weights(model_dir)
+    if config.vision is not None and not has_vision_weights(raw):
+        # Text-only conversions (mlx-lm's, for one) keep vision_config but drop the tower.
+        config = replace(config, vision=None)
     model = Model(config)
-    with_vision = hasattr(model, "vision_tower")
-    weights = sanitize(read_weights(model_dir), config, with_vision=with_vision)
+    tower = getattr(model, "vision_tower", None)
+    weights = sanitize(raw, config, with_vision=tower is not None, vision_tower=tower)
     if dtype is not None:
         weights = _cast(weights, dtype)
     for k in weights:

@@ -106,3 +106,62 @@ def test_bad_inputs(cache, monkeypatch, args, stdin, match):
     result = CliRunner().invoke(main, ["--model", "tiny-random", *args], input=stdin)
     assert result.exit_code == 1 and not result.stdout
     assert_one_line_error(result.stderr, match)
+
+
+# ----------------------------------------------------------------------------- images and videos
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "a.png")
+    frames = [Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)) for _ in range(6)]
+    frames[0].save(root / "clip.gif", save_all=True, append_images=frames[1:], duration=250)
+    (root / "broken.png").write_bytes((root / "a.png").read_bytes()[:60])  # truncated
+    (root / "text.png").write_bytes(b"this is not an image")
+    return root
+
+
+@pytest.mark.parametrize("flag, name", [("--image", "a.png"), ("--video", "clip.gif")])
+def test_media_end_to_end_matches_the_api(cache, media, flag, name):
+    args = ["--model", "tiny-random", "-m", "8", "-p", "Describe it.", flag, str(media / name)]
+    out = run_cli(cache, *args, "--max-pixels", "16384", "--fps", "4", "--max-frames", "4")
+    assert out.returncode == 0, out.stderr
+    model, processor = load(str(ensure_tiny_random(cache)))
+    kind = "images" if flag == "--image" else "videos"
+    expected = generate(
+        model,
+        processor,
+        "Describe it.",
+        max_tokens=8,
+        max_pixels=16384,
+        fps=4.0,
+        max_frames=4,
+        **{kind: [media / name]},
+    )
+    assert out.stdout == expected + "\n" and expected
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--image", "text.png"], "text.png: not an image"),
+        (["--image", "broken.png"], "broken.png: cannot decode image"),
+        (["--image", "missing.png"], "missing.png: no such file"),
+        (["--video", "missing.mp4"], "missing.mp4: no such file"),
+        (["--image", "a.png", "-p", "<|image_pad|> and this"], r"2 image placeholder.*1 image"),
+        (["--fps", "0"], "fps must be a number > 0"),
+        (["--max-pixels", "10"], "max_pixels must be an integer >= 1024"),
+        (["--max-frames", "1"], "max_frames must be an integer >= 2"),
+    ],
+)
+def test_bad_media(cache, media, monkeypatch, args, match):
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    monkeypatch.chdir(media)
+    result = CliRunner().invoke(main, ["--model", "tiny-random", "-m", "2", *args])
+    assert result.exit_code == 1 and not result.stdout.strip()
+    assert_one_line_error(result.stderr, match)

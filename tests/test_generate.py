@@ -144,3 +144,34 @@ def test_prompt_beyond_the_context(tiny):
     # A prompt that fits stops at the end of the context.
     responses = list(stream_generate(model, short, [1] * 37, max_tokens=50))
     assert len(responses) <= 3 and responses[-1].finish_reason in ("length", "stop")
+
+
+def test_generate_step_takes_prepared_embeddings_and_positions(tiny):
+    """The keyword arguments the media path uses: embeddings and 3-D positions for the prompt,
+    sliced per prefill step; decoding then continues from the position the cache records."""
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_qwen35.generate import generate_step
+
+    model, processor = tiny
+    ids = mx.array(prompt_tokens(processor, PROMPT), dtype=mx.uint32)
+    greedy = make_sampler(0.0)
+
+    def run(**kwargs):
+        steps = generate_step(model, ids, max_tokens=6, sampler=greedy, **kwargs)
+        return [token for token, _ in steps]
+
+    plain = run()
+    T = ids.size
+    embeddings = model.embed(ids[None])
+    positions = mx.broadcast_to(mx.arange(T)[None, None], (3, 1, T))
+    assert run(input_embeddings=embeddings, position_ids=positions, prefill_step_size=4) == plain
+    # Shifted positions: rotary sees only relative positions, so the tokens do not change, and
+    # decoding must continue from the shifted position (not the cache offset) for that to hold.
+    cache = model.make_cache()
+    assert run(position_ids=positions + 100, cache=cache) == plain
+    assert model.next_positions(cache).tolist() == [T + 100 + 5]
+    with pytest.raises(UserError, match=r"position_ids must be \[3, 1, "):
+        run(position_ids=positions[..., :-1])
+    with pytest.raises(UserError, match=r"input_embeddings must be \[1, "):
+        run(input_embeddings=embeddings[:, 1:])
