@@ -18,6 +18,7 @@ _EXPORTS = {
     "Model": "model",
     "Processor": "processor",
     "UserError": "errors",
+    "convert": "convert",
     "generate": "generate",
     "load": "loading",
     "stream_generate": "generate",

@@ -28,18 +28,27 @@ from .errors import UserError
 from .model import Model
 
 TINY_RANDOM = "tiny-random"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.jinja",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+    "LICENSE*",
+    "README.md",
+]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Norm weights that hold (1 + w) in our layout; the gated DeltaNet norm is not among them.
-_SHIFTED_NORMS = (
+SHIFTED_NORM_SUFFIXES = (
     ".input_layernorm.weight",
     ".post_attention_layernorm.weight",
     ".q_norm.weight",
     ".k_norm.weight",
     "language_model.model.norm.weight",
 )
-_FP32_SUFFIXES = _SHIFTED_NORMS + (".A_log", ".linear_attn.norm.weight")
+_FP32_SUFFIXES = SHIFTED_NORM_SUFFIXES + (".A_log", ".linear_attn.norm.weight")
 
 
 def resolve_model_path(path_or_repo: str | Path) -> Path:
@@ -128,7 +137,7 @@ def checkpoint_layout(weights: dict[str, mx.array], config: ModelConfig) -> str:
     return "mlx"
 
 
-def _rename(key: str) -> str | None:
+def rename_key(key: str) -> str | None:
     """Original/mlx key -> our key; None for tensors the model does not hold (MTP)."""
     if key.startswith("mtp.") or ".mtp." in key:
         return None
@@ -158,7 +167,7 @@ def sanitize(
     out: dict[str, mx.array] = {}
     vision: dict[str, mx.array] = {}
     for key, value in weights.items():
-        new = key if layout == "ours" else _rename(key)
+        new = key if layout == "ours" else rename_key(key)
         if new is None:
             continue
         if new.startswith("vision_tower."):
@@ -167,7 +176,7 @@ def sanitize(
         if layout == "hf":
             if new.endswith("conv1d.weight") and value.ndim == 3:
                 value = value.moveaxis(2, 1)
-            if new.endswith(_SHIFTED_NORMS):
+            if new.endswith(SHIFTED_NORM_SUFFIXES):
                 value = value.astype(mx.float32) + 1.0
         out[new] = value
     if config.text.tie_word_embeddings:
@@ -238,7 +247,7 @@ def load_model(model_dir: str | Path, dtype: str | mx.Dtype | None = None) -> Mo
     if dtype is not None:
         weights = _cast(weights, dtype)
     for k in weights:
-        if k.endswith(_SHIFTED_NORMS):
+        if k.endswith(SHIFTED_NORM_SUFFIXES):
             weights[k] = weights[k].astype(mx.float32)
     _quantize(model, weights, config)
     try:
