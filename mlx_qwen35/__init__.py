@@ -22,6 +22,8 @@ _EXPORTS = {
     "generate": "generate",
     "load": "loading",
     "stream_generate": "generate",
+    "ToolCall": "tools",
+    "ToolResult": "tools",
 }
 
 __all__ = sorted(_EXPORTS)

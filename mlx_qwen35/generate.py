@@ -40,7 +40,7 @@ DEFAULT_PROMPT = "hello"
 PROGRESS_MIN_TOKENS = 4096
 
 # A stream of its own for generation, one per thread, as mlx-lm does.
-_STREAM = mx.new_thread_local_stream(mx.default_device())
+GENERATION_STREAM = mx.new_thread_local_stream(mx.default_device())
 
 
 @dataclass
@@ -346,7 +346,7 @@ def generate_step(
             generated = y if generated is None else mx.concatenate([generated, y])
         return sample(model(y[None], cache=cache)[:, -1, :])
 
-    with mx.stream(_STREAM):
+    with mx.stream(GENERATION_STREAM):
         # All chunks but the last only fill the caches; nothing asks for their hidden states.
         last = (prompt.size - 1) // prefill_step_size * prefill_step_size
         for start in range(0, last, prefill_step_size):
@@ -493,7 +493,7 @@ def stream_generate(
     )
     detokenizer = processor.tokenizer.detokenizer
     eos = processor.eos_token_ids
-    with wired_limit(model, [_STREAM]):
+    with wired_limit(model, [GENERATION_STREAM]):
         tic = time.perf_counter()
         prompt_tps = 0.0
         for n, (token, logprobs) in enumerate(tokens):

@@ -8,11 +8,11 @@ Real checkpoints bring their own template (`chat_template.jinja` or `tokenizer_c
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
+from ..tools import parse_tool_calls as _parse_calls
 
 ROLES = ("system", "user", "assistant", "tool")
 THINK_START, THINK_END = "<think>", "</think>"
@@ -129,27 +129,11 @@ def split_thinking(text: str) -> tuple[str, str]:
     return "", text.strip()
 
 
-_TOOL_CALL = re.compile(r"<tool_call>\s*<function=([^>\n]+)>(.*?)</function>\s*</tool_call>", re.S)
-_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
-
-
 def parse_tool_calls(text: str) -> list[dict[str, Any]]:
     """Tool calls written in Qwen3.5's XML format, as [{"name": ..., "arguments": {...}}].
 
     Parameter values that read as JSON (numbers, booleans, null, objects, arrays) are decoded;
-    anything else stays a string.
+    anything else stays a string. Malformed calls are skipped; `tools.parse_tool_calls` types the
+    values by the tools' schemas and says what was wrong.
     """
-    calls = []
-    for name, body in _TOOL_CALL.findall(text):
-        arguments = {key.strip(): _decode_value(value) for key, value in _PARAMETER.findall(body)}
-        calls.append({"name": name.strip(), "arguments": arguments})
-    return calls
-
-
-def _decode_value(value: str) -> Any:
-    try:
-        decoded = json.loads(value)
-    except json.JSONDecodeError:
-        return value
-    # A quoted JSON string stays the raw text the model wrote.
-    return value if isinstance(decoded, str) else decoded
+    return [{"name": c.name, "arguments": c.arguments} for c in _parse_calls(text).calls]
