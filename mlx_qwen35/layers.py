@@ -122,6 +122,9 @@ class MRoPE(nn.Module):
         self._axis_onehot = mx.array(
             [[1.0 if axis[i] == a else 0.0 for i in range(half)] for a in range(3)]
         )  # [3, half]
+        # Constants, not parameters: evaluate them now, so no lazy graph from the loading thread
+        # reaches a generation running on another thread (MLX streams are per thread).
+        mx.eval(self._inv_freq, self._freqs, self._axis_onehot)
 
     def __call__(self, x: mx.array, offset: Any = 0, position_ids: mx.array | None = None):
         """x: [B, heads, T, head_dim]; offset: int or [B] array; position_ids: [3, B, T]."""
