@@ -26,6 +26,7 @@ from .errors import UserError
 from .gated_delta import gated_delta_core
 from .layers import MLP, GatedAttention, RMSNorm, RMSNormGated
 from .positions import rope_index
+from .threads import release_thread_state_at_exit
 from .vision import VisionModel
 
 
@@ -346,6 +347,7 @@ class Model(nn.Module):
     ) -> mx.array:
         """The final-norm hidden states [B, T, H] (what feeds the head). `media`: the vision
         arguments of `__call__`."""
+        release_thread_state_at_exit()  # every forward compiles; see threads.py
         if attention_mask is not None:
             attention_mask = mx.array(attention_mask)
         if any(v is not None for v in media.values()):

@@ -39,6 +39,7 @@ from .cache import KVCache
 from .chat import THINK_END, THINK_START, split_thinking
 from .errors import UserError
 from .generate import GENERATION_STREAM, check_sampling, generate_step
+from .threads import release_thread_state_at_exit
 from .tools import ParsedCalls, ToolCallWarning, ToolResult, normalize_tools, parse_tool_calls
 
 SESSION_FORMAT = "mlx_qwen35.session"
@@ -262,6 +263,7 @@ class ChatSession:
         if self._think_end is None or self._think_close[0] != self._think_end:
             raise UserError(f"this tokenizer has no single {THINK_END} token; it is not Qwen3.5's")
         if seed is not None:
+            release_thread_state_at_exit()  # the random key is per thread: see threads.py
             mx.random.seed(seed)
         self._pending: Reply | None = None
         self.reset()
