@@ -22,9 +22,10 @@ from typing import Any, TextIO
 
 import click
 
+from . import cli_options as cli
 from .errors import UserError
-from .generate import DEFAULT_MODEL, check_sampling
-from .processor import check_media_options
+from .generate import check_sampling
+from .processor import apply_media_options, check_media_options
 from .session import ChatSession, Reply, TurnResult
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -196,54 +197,18 @@ def _input_lines(prompt: str) -> Any:
             return
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    help="Local checkpoint directory, Hugging Face repo id, or tiny-random (built in, offline).",
-)
-@click.option("--system", default=None, help="System prompt.")
-@click.option(
-    "--image", "images", multiple=True, metavar="PATH", help="An image for the first message."
-)
-@click.option(
-    "--video", "videos", multiple=True, metavar="PATH", help="A video for the first message."
-)
-@click.option(
-    "--max-pixels",
-    type=int,
-    default=None,
-    help="Pixel cap per image and video frame (default: the checkpoint's).",
-)
-@click.option("--fps", type=float, default=None, help="Video frames sampled per second [2].")
-@click.option("--max-frames", type=int, default=None, help="Most frames sampled from one video.")
-@click.option("--max-tokens", "-m", type=int, default=None, help="Most tokens per reply [4096].")
-@click.option(
-    "--temp", type=float, default=None, help="Sampling temperature (0 = greedy) [model card]."
-)
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling (1 = off) [model card].")
-@click.option("--top-k", type=int, default=None, help="Top-k sampling (0 = off) [model card].")
-@click.option("--min-p", type=float, default=None, help="Min-p sampling (0 = off) [model card].")
-@click.option(
-    "--repetition-penalty",
-    type=float,
-    default=None,
-    help="Multiplicative penalty for the last 20 tokens (1 = off) [off].",
-)
-@click.option(
-    "--presence-penalty",
-    type=float,
-    default=None,
-    help="Subtracted from the logits of every token of the reply so far [model card].",
-)
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
-@click.option(
-    "--think/--no-think",
-    "think",
-    default=None,
-    help="Turn the thinking block on or off (default: the chat template's default).",
-)
+@click.command(context_settings=cli.CONTEXT_SETTINGS)
+@cli.model_option
+@cli.system_option
+@cli.image_option("An image for the first message.")
+@cli.video_option("A video for the first message.")
+@cli.max_pixels_option("Pixel cap per image and video frame (default: the checkpoint's).")
+@cli.fps_option("Video frames sampled per second [2].")
+@cli.max_frames_option("Most frames sampled from one video.")
+@cli.max_tokens_option(None, "Most tokens per reply [4096].")
+@cli.sampling_options(model_card=True)
+@cli.seed_option
+@cli.think_option
 @click.option(
     "--thinking-budget",
     type=click.IntRange(min=0),
@@ -251,19 +216,8 @@ def _input_lines(prompt: str) -> Any:
     help="Close the thinking block after this many tokens and let the model answer.",
 )
 @click.option("--hide-thinking", is_flag=True, help="Do not print the thinking block.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default=None,
-    help="Cast the weights (default: as stored).",
-)
-@click.option(
-    "--prefill-step-size",
-    type=int,
-    default=2048,
-    show_default=True,
-    help="Prompt tokens per prefill step.",
-)
+@cli.dtype_option
+@cli.prefill_step_size_option("Prompt tokens per prefill step.")
 @click.option(
     "--max-snapshots",
     type=click.IntRange(min=0),
@@ -328,10 +282,9 @@ def main(
         )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         qwen, processor = load(model, dtype=dtype)
-        if fps is not None or max_pixels is not None or max_frames is not None:
-            processor = processor.with_media_options(
-                fps=fps, max_pixels=max_pixels, max_frames=max_frames
-            )
+        processor = apply_media_options(
+            processor, fps=fps, max_pixels=max_pixels, max_frames=max_frames
+        )
         session = ChatSession(
             qwen,
             processor,

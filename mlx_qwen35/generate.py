@@ -30,11 +30,12 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import cli_options as cli
 from .chat import build_messages
+from .cli_options import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported: the examples use it
 from .errors import UserError
-from .processor import check_media_options
+from .processor import apply_media_options, check_media_options
 
-DEFAULT_MODEL = "mlx-community/Qwen3.5-4B-MLX-4bit"
 DEFAULT_PROMPT = "hello"
 # Prefill progress bar: for multi-step prompts at least this long, or any multi-step one if verbose.
 PROGRESS_MIN_TOKENS = 4096
@@ -108,6 +109,12 @@ def check_sampling(
         raise UserError(f"prefill_step_size must be a positive integer, got {prefill_step_size!r}")
 
 
+def _check_text_prompt(prompt: str) -> None:
+    """Raise UserError for a text prompt with nothing but white space."""
+    if not prompt.strip():
+        raise UserError("the prompt is empty; pass some text (--prompt TEXT, or - for stdin)")
+
+
 def prompt_tokens(
     processor: Any,
     prompt: str | Sequence[Mapping[str, Any]] | Sequence[int] | mx.array,
@@ -121,8 +128,7 @@ def prompt_tokens(
     if isinstance(prompt, mx.array):
         prompt = prompt.reshape(-1).tolist()
     if isinstance(prompt, str):
-        if not prompt.strip():
-            raise UserError("the prompt is empty; pass some text (--prompt TEXT, or - for stdin)")
+        _check_text_prompt(prompt)
         if not processor.has_chat_template:
             if system is not None:
                 raise UserError(
@@ -175,8 +181,7 @@ def media_messages(
     """
     images, videos = list(images or ()), list(videos or ())
     if isinstance(prompt, str):
-        if not prompt.strip():
-            raise UserError("the prompt is empty; pass some text (--prompt TEXT, or - for stdin)")
+        _check_text_prompt(prompt)
         parts = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
         messages = build_messages(prompt, system)
         messages[-1]["content"] = [*parts, {"type": "text", "text": prompt}]
@@ -447,10 +452,9 @@ def stream_generate(
         presence_penalty=presence_penalty,
         prefill_step_size=prefill_step_size,
     )
-    if fps is not None or max_pixels is not None or max_frames is not None:
-        processor = processor.with_media_options(
-            fps=fps, max_pixels=max_pixels, max_frames=max_frames
-        )
+    processor = apply_media_options(
+        processor, fps=fps, max_pixels=max_pixels, max_frames=max_frames
+    )
     ids, embeddings, positions = prepare_prompt(
         model,
         processor,
@@ -546,18 +550,24 @@ def generate(
     With `verbose`, the text is printed as it streams, followed by prompt and generation speed
     and peak memory, as mlx-lm prints them.
     """
+    responses = stream_generate(model, processor, prompt, max_tokens, verbose=verbose, **kwargs)
+    if verbose:
+        return _print_stream(responses, verbose=True)
+    return "".join(response.text for response in responses)
+
+
+def _print_stream(responses: Iterator[GenerationResponse], *, verbose: bool) -> str:
+    """Print the text as it streams and return it; with `verbose` it stands between two lines of
+    "=" and the speeds and peak memory follow, as mlx-lm prints them."""
     text = ""
     response = None
-    for response in stream_generate(
-        model, processor, prompt, max_tokens, verbose=verbose, **kwargs
-    ):
-        if verbose:
-            if response.generation_tokens == 1:
-                print("=" * 10)
-            print(response.text, end="", flush=True)
+    for response in responses:
+        if verbose and response.generation_tokens == 1:
+            print("=" * 10)
+        print(response.text, end="", flush=True)
         text += response.text
+    print()
     if verbose and response is not None:
-        print()
         print("=" * 10)
         print_stats(response)
     return text
@@ -572,13 +582,8 @@ def print_stats(response: GenerationResponse) -> None:
     print(f"Peak memory: {response.peak_memory:.3f} GB")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--model",
-    default=DEFAULT_MODEL,
-    show_default=True,
-    help="Local checkpoint directory, Hugging Face repo id, or tiny-random (built in, offline).",
-)
+@click.command(context_settings=cli.CONTEXT_SETTINGS)
+@cli.model_option
 @click.option(
     "--prompt",
     "-p",
@@ -586,83 +591,21 @@ def print_stats(response: GenerationResponse) -> None:
     show_default=True,
     help="The user message; - reads it from stdin.",
 )
-@click.option("--system", default=None, help="System prompt.")
-@click.option(
-    "--image",
-    "images",
-    multiple=True,
-    metavar="PATH",
-    help="An image to show the model (repeatable; shown before the prompt, in order).",
+@cli.system_option
+@cli.image_option("An image to show the model (repeatable; shown before the prompt, in order).")
+@cli.video_option("A video (file, animated GIF/WebP or folder of frames; repeatable).")
+@cli.fps_option("Video frames sampled per second (default: the checkpoint's, usually 2).")
+@cli.max_pixels_option(
+    "Pixel cap per image and per video frame; larger ones are scaled down before the "
+    "vision tower (default: the checkpoint's)."
 )
-@click.option(
-    "--video",
-    "videos",
-    multiple=True,
-    metavar="PATH",
-    help="A video (file, animated GIF/WebP or folder of frames; repeatable).",
-)
-@click.option(
-    "--fps",
-    type=float,
-    default=None,
-    help="Video frames sampled per second (default: the checkpoint's, usually 2).",
-)
-@click.option(
-    "--max-pixels",
-    type=int,
-    default=None,
-    help="Pixel cap per image and per video frame; larger ones are scaled down before the "
-    "vision tower (default: the checkpoint's).",
-)
-@click.option(
-    "--max-frames",
-    type=int,
-    default=None,
-    help="Most frames sampled from one video (default: the checkpoint's).",
-)
-@click.option("--max-tokens", "-m", type=int, default=256, show_default=True)
-@click.option(
-    "--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0 = greedy)."
-)
-@click.option(
-    "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling (1 = off)."
-)
-@click.option("--top-k", type=int, default=0, show_default=True, help="Top-k sampling (0 = off).")
-@click.option(
-    "--min-p", type=float, default=0.0, show_default=True, help="Min-p sampling (0 = off)."
-)
-@click.option(
-    "--repetition-penalty",
-    type=float,
-    default=None,
-    help="Multiplicative penalty for the last 20 tokens (1 = off).",
-)
-@click.option(
-    "--presence-penalty",
-    type=float,
-    default=None,
-    help="Subtracted from the logits of every token generated so far.",
-)
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
-@click.option(
-    "--think/--no-think",
-    "think",
-    default=None,
-    help="Turn the thinking block on or off (default: the chat template's default).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default=None,
-    help="Cast the weights (default: as stored).",
-)
-@click.option(
-    "--prefill-step-size",
-    type=int,
-    default=2048,
-    show_default=True,
-    help="Prompt tokens per prefill step (bounds memory for long prompts).",
-)
+@cli.max_frames_option("Most frames sampled from one video (default: the checkpoint's).")
+@cli.max_tokens_option(256)
+@cli.sampling_options(model_card=False)
+@cli.seed_option
+@cli.think_option
+@cli.dtype_option
+@cli.prefill_step_size_option("Prompt tokens per prefill step (bounds memory for long prompts).")
 @click.option("--verbose", is_flag=True, help="Print prompt/generation speed and peak memory.")
 def main(
     model: str,
@@ -703,11 +646,9 @@ def main(
         # Check what needs no model before loading one (which may mean a download).
         check_sampling(max_tokens=max_tokens, prefill_step_size=prefill_step_size, **sampling)
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
-        if not prompt.strip():
-            raise UserError("the prompt is empty; pass some text (--prompt TEXT, or - for stdin)")
+        _check_text_prompt(prompt)
         qwen, processor = load(model, dtype=dtype)
-        response = None
-        for response in stream_generate(
+        responses = stream_generate(
             qwen,
             processor,
             prompt,
@@ -723,14 +664,8 @@ def main(
             prefill_step_size=prefill_step_size,
             verbose=verbose,
             **sampling,
-        ):
-            if verbose and response.generation_tokens == 1:
-                print("=" * 10)
-            print(response.text, end="", flush=True)
-        print()
-        if verbose and response is not None:
-            print("=" * 10)
-            print_stats(response)
+        )
+        _print_stream(responses, verbose=verbose)
     except UserError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)

@@ -240,6 +240,19 @@ class Processor:
         return list(texts), dict(arrays)
 
 
+def apply_media_options(
+    processor: Processor,
+    *,
+    fps: float | None = None,
+    max_pixels: int | None = None,
+    max_frames: int | None = None,
+) -> Processor:
+    """`processor.with_media_options(...)` when any setting is given, else `processor` itself."""
+    if fps is None and max_pixels is None and max_frames is None:
+        return processor
+    return processor.with_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
+
+
 def check_media_options(
     *, fps: float | None = None, max_pixels: int | None = None, max_frames: int | None = None
 ) -> None:

@@ -1,0 +1,118 @@
+"""Click options shared by the command lines (`python -m mlx_qwen35.generate` and `.chat`).
+
+A flag both commands take means the same thing in both, so its name, parameter and type are
+written here once. Options that read the same in both --help texts are ready decorators; for the
+others each command passes what it words or defaults differently (help text, defaults), and
+keeps the order of its own --help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+DEFAULT_MODEL = "mlx-community/Qwen3.5-4B-MLX-4bit"
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def options(*decorators: Decorator) -> Decorator:
+    """One decorator that applies these as if stacked in this order (the first listed is the
+    first in --help)."""
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+model_option = click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Local checkpoint directory, Hugging Face repo id, or tiny-random (built in, offline).",
+)
+system_option = click.option("--system", default=None, help="System prompt.")
+seed_option = click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+think_option = click.option(
+    "--think/--no-think",
+    "think",
+    default=None,
+    help="Turn the thinking block on or off (default: the chat template's default).",
+)
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Cast the weights (default: as stored).",
+)
+
+
+def image_option(help: str) -> Decorator:
+    return click.option("--image", "images", multiple=True, metavar="PATH", help=help)
+
+
+def video_option(help: str) -> Decorator:
+    return click.option("--video", "videos", multiple=True, metavar="PATH", help=help)
+
+
+def fps_option(help: str) -> Decorator:
+    return click.option("--fps", type=float, default=None, help=help)
+
+
+def max_pixels_option(help: str) -> Decorator:
+    return click.option("--max-pixels", type=int, default=None, help=help)
+
+
+def max_frames_option(help: str) -> Decorator:
+    return click.option("--max-frames", type=int, default=None, help=help)
+
+
+def max_tokens_option(default: int | None, help: str | None = None) -> Decorator:
+    """-m/--max-tokens; a default other than None is shown in --help."""
+    return click.option(
+        "--max-tokens", "-m", type=int, default=default, show_default=default is not None, help=help
+    )
+
+
+def prefill_step_size_option(help: str) -> Decorator:
+    return click.option("--prefill-step-size", type=int, default=2048, show_default=True, help=help)
+
+
+def sampling_options(*, model_card: bool) -> Decorator:
+    """--temp, --top-p, --top-k, --min-p, --repetition-penalty and --presence-penalty.
+
+    model_card=False (generate): temp, top-p, top-k and min-p default to their off values, shown in
+    --help. model_card=True (chat): every one defaults to None, which the session fills per turn
+    from the model card's recommended settings; --help says so in brackets.
+    """
+
+    def option(flag: str, kind: type, off: Any, help: str) -> Decorator:
+        if model_card:
+            return click.option(flag, type=kind, default=None, help=f"{help} [model card].")
+        return click.option(flag, type=kind, default=off, show_default=True, help=f"{help}.")
+
+    presence = (
+        "Subtracted from the logits of every token of the reply so far [model card]."
+        if model_card
+        else "Subtracted from the logits of every token generated so far."
+    )
+    return options(
+        option("--temp", float, 0.0, "Sampling temperature (0 = greedy)"),
+        option("--top-p", float, 1.0, "Nucleus sampling (1 = off)"),
+        option("--top-k", int, 0, "Top-k sampling (0 = off)"),
+        option("--min-p", float, 0.0, "Min-p sampling (0 = off)"),
+        click.option(
+            "--repetition-penalty",
+            type=float,
+            default=None,
+            help="Multiplicative penalty for the last 20 tokens (1 = off)"
+            + (" [off]." if model_card else "."),
+        ),
+        click.option("--presence-penalty", type=float, default=None, help=presence),
+    )
