@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import RopeConfig, TextConfig
+from .cpu_fast import causal_attention, linear, on_cpu, sigmoid, silu, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -47,18 +48,27 @@ class RMSNormGated(nn.Module):
         dtype = x.dtype
         normed = mx.fast.rms_norm(x.astype(mx.float32), None, self.eps).astype(dtype)
         out = self.weight.astype(mx.float32) * normed.astype(mx.float32)
-        return (out * nn.silu(gate.astype(mx.float32))).astype(dtype)
+        return (out * silu(gate.astype(mx.float32))).astype(dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, quantizes the same way) with the CPU decode path of
+    `cpu_fast.linear`: one fp32 row is multiplied as many small calls instead of one packed GEMM."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = linear(x, self["weight"])
+        return y + self["bias"] if "bias" in self else y
 
 
 class MLP(nn.Module):
     def __init__(self, dims: int, hidden_dims: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dims, hidden_dims, bias=False)
-        self.up_proj = nn.Linear(dims, hidden_dims, bias=False)
-        self.down_proj = nn.Linear(hidden_dims, dims, bias=False)
+        self.gate_proj = Linear(dims, hidden_dims, bias=False)
+        self.up_proj = Linear(dims, hidden_dims, bias=False)
+        self.down_proj = Linear(hidden_dims, dims, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _yarn_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[mx.array, float]:
@@ -162,10 +172,10 @@ class GatedAttention(nn.Module):
         self.head_dim = hd = args.head_dim
         self.scale = hd**-0.5
         h = args.hidden_size
-        self.q_proj = nn.Linear(h, 2 * self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
+        self.q_proj = Linear(h, 2 * self.n_heads * hd, bias=False)
+        self.k_proj = Linear(h, self.n_kv_heads * hd, bias=False)
+        self.v_proj = Linear(h, self.n_kv_heads * hd, bias=False)
+        self.o_proj = Linear(self.n_heads * hd, h, bias=False)
         self.q_norm = RMSNorm(hd, eps=args.rms_norm_eps)
         self.k_norm = RMSNorm(hd, eps=args.rms_norm_eps)
         self.rope = MRoPE(args)
@@ -194,8 +204,11 @@ class GatedAttention(nn.Module):
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
 
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=self.scale, mask=mask
-        )
+        if isinstance(mask, str) and mask == "causal" and on_cpu():
+            out = causal_attention(queries, keys, values, self.scale)
+        else:
+            out = mx.fast.scaled_dot_product_attention(
+                queries, keys, values, scale=self.scale, mask=mask
+            )
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)
-        return self.o_proj(out * mx.sigmoid(gate))
+        return self.o_proj(out * sigmoid(gate))

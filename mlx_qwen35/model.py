@@ -22,9 +22,10 @@ import numpy as np
 
 from .cache import KVCache, make_cache
 from .config import ModelConfig, TextConfig
+from .cpu_fast import linear
 from .errors import UserError
 from .gated_delta import gated_delta_core
-from .layers import MLP, GatedAttention, RMSNorm, RMSNormGated
+from .layers import MLP, GatedAttention, Linear, RMSNorm, RMSNormGated
 from .positions import rope_index
 from .threads import release_thread_state_at_exit
 from .vision import VisionModel
@@ -43,17 +44,17 @@ class GatedDeltaNet(nn.Module):
         conv_dim = args.conv_dim
         value_dim = self.num_v_heads * self.head_v_dim
         h = args.hidden_size
-        self.in_proj_qkv = nn.Linear(h, conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(h, value_dim, bias=False)
-        self.in_proj_b = nn.Linear(h, self.num_v_heads, bias=False)
-        self.in_proj_a = nn.Linear(h, self.num_v_heads, bias=False)
+        self.in_proj_qkv = Linear(h, conv_dim, bias=False)
+        self.in_proj_z = Linear(h, value_dim, bias=False)
+        self.in_proj_b = Linear(h, self.num_v_heads, bias=False)
+        self.in_proj_a = Linear(h, self.num_v_heads, bias=False)
         # Stored as MLX's depthwise Conv1d weight [C, K, 1]; applied as shifted multiply-adds.
         self.conv1d = nn.Module()
         self.conv1d.weight = mx.zeros((conv_dim, self.conv_kernel_size, 1))
         self.dt_bias = mx.ones((self.num_v_heads,))
         self.A_log = mx.zeros((self.num_v_heads,), dtype=mx.float32)
         self.norm = RMSNormGated(self.head_v_dim, eps=args.rms_norm_eps)
-        self.out_proj = nn.Linear(value_dim, h, bias=False)
+        self.out_proj = Linear(value_dim, h, bias=False)
 
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
         B, T, _ = x.shape
@@ -206,11 +207,14 @@ class LanguageModel(nn.Module):
         self.args = args
         self.model = Qwen3_5TextModel(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(hidden)
+            embed = self.model.embed_tokens
+            if isinstance(embed, nn.QuantizedEmbedding):
+                return embed.as_linear(hidden)
+            return linear(hidden, embed.weight)
         return self.lm_head(hidden)
 
 
