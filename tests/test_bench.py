@@ -1,0 +1,135 @@
+"""Smoke tests of `python -m mlx_qwen35.bench` on tiny dimensions (no timing assertions)."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_qwen35 import bench
+from mlx_qwen35.config import ModelConfig
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(bench.main, list(args))
+
+
+def test_vs_mlx_lm_prints_both_models_and_ratios():
+    result = invoke("--config", "tiny", "-p", "12", "-g", "3", "--vs", "mlx-lm", "--repeats", "2")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "config tiny (random weights), 4 layers, float32" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert [r[1] for r in rows] == ["mlx-qwen35", "mlx-lm", "mlx-qwen35", "mlx-lm"]
+    for r in rows:  # prompt tok/s, generation tok/s, peak GB
+        assert all(float(v) > 0 for v in r[2:5])
+    assert sum(line.startswith("median") for line in out.splitlines()) == 2
+    assert "mlx-qwen35 / mlx-lm: prompt " in out and "generation " in out
+
+
+def test_each_gdn_backend_gets_its_own_row(monkeypatch):
+    monkeypatch.delenv("MLX_QWEN35_GDN_BACKEND", raising=False)
+    result = invoke(
+        "--config", "tiny", "-p", "20", "-g", "2",
+        "--gdn-backend", "ops", "--gdn-backend", "chunked", "--vs", "mlx-lm",
+    )
+    assert result.exit_code == 0, result.output
+    assert "mlx-qwen35[ops] / mlx-lm" in result.output
+    assert "mlx-qwen35[chunked] / mlx-lm" in result.output
+    assert "MLX_QWEN35_GDN_BACKEND" not in os.environ  # restored after each run
+
+
+def test_bfloat16_runs_both_models():
+    result = invoke(
+        "--config", "tiny", "-p", "9", "-g", "2", "--dtype", "bfloat16", "--vs", "mlx-lm"
+    )
+    assert result.exit_code == 0, result.output
+    assert "bfloat16" in result.output
+
+
+def test_a_checkpoint_cut_to_fewer_layers(tmp_path):
+    from mlx_qwen35.tiny_random import ensure_tiny_random
+
+    path = ensure_tiny_random(tmp_path)
+    result = invoke("--model", str(path), "--layers", "4", "-p", "8", "-g", "2", "--vs", "mlx-lm")
+    assert result.exit_code == 0, result.output
+    assert "4 layers" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((), "exactly one of --model"),
+        (("--config", "tiny", "--model", "x"), "exactly one of --model"),
+        (("--config", "tiny", "--layers", "9"), "--layers must be between 1 and 4"),
+        (("--model", "/nonexistent/qwen"), "no such directory"),
+        (("--config", "tiny", "--layers", "2", "--vs", "mlx-lm"), "--layers 4 or more"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    result = invoke(*args, "-p", "4", "-g", "1")
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_same_weights_give_the_same_logits_in_both_models():
+    config = bench.size_config("tiny")
+    model_config = ModelConfig.from_dict(config)
+    raw = bench.random_hf_weights(model_config.text, mx.float32, seed=3)
+    ours = bench.build_ours(raw, model_config, None)
+    theirs = bench.build_mlx_lm(raw, config, None)
+    tokens = mx.array([[1, 5, 9, 200, 7, 33, 4, 100]])
+    a, b = np.array(ours(tokens)), np.array(theirs(tokens))
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    # The norms reached our model as (1 + w) in fp32, and the conv as [C, K, 1].
+    layer = ours.layers[0]
+    w = raw["model.language_model.layers.0.input_layernorm.weight"]
+    assert mx.allclose(layer.input_layernorm.weight, w + 1.0)
+    assert layer.linear_attn.conv1d.weight.shape[1:] == (4, 1)
+
+
+def test_cut_layers_drops_later_layers_only():
+    config = bench.size_config("tiny")
+    weights = {
+        "model.language_model.layers.0.mlp.up_proj.weight": mx.zeros(1),
+        "model.language_model.layers.3.mlp.up_proj.weight": mx.zeros(1),
+        "mtp.layers.0.mlp.up_proj.weight": mx.zeros(1),
+        "model.language_model.norm.weight": mx.zeros(1),
+    }
+    cut = bench.cut_layers(config, weights, 2)
+    assert cut["text_config"]["num_hidden_layers"] == 2
+    assert cut["text_config"]["layer_types"] == ["linear_attention"] * 2
+    assert config["text_config"]["num_hidden_layers"] == 4  # the input is not modified
+    assert sorted(weights) == [
+        "model.language_model.layers.0.mlp.up_proj.weight",
+        "model.language_model.norm.weight",
+        "mtp.layers.0.mlp.up_proj.weight",
+    ]
+
+
+def test_slow_blas_warning():
+    assert bench.slow_blas_warning(platform="darwin", preload="", maps="") is None
+    maps = "7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp.so\n"
+    lib = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp.so"
+    assert bench.slow_blas_warning(platform="linux", preload=lib, maps=maps) is None
+    warning = bench.slow_blas_warning(platform="linux", preload="", maps=maps)
+    assert warning is not None and "LD_PRELOAD=" in warning and "\n" not in warning
+    # preloaded but not mapped (a wrong path): still the slow one
+    missing = bench.slow_blas_warning(platform="linux", preload="/nope/libblas.so.3", maps="")
+    assert missing is not None
+
+
+def test_the_real_sizes_have_the_published_dimensions():
+    for size, (hidden, layers, tied) in {
+        "0.8b": (1024, 24, True), "2b": (2048, 24, True), "4b": (2560, 32, True),
+        "9b": (4096, 32, False),
+    }.items():
+        text = ModelConfig.from_dict(bench.size_config(size)).text
+        assert (text.hidden_size, text.num_hidden_layers, text.tie_word_embeddings) == (
+            hidden, layers, tied
+        )
+        assert text.vocab_size == 248320 and text.layer_types[3] == "full_attention"
