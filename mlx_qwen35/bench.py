@@ -482,10 +482,15 @@ def _main(
         for e in entries[:-1]:
             m = medians[e.label]
             click.echo(
-                f"{e.label} / mlx-lm: prompt {m.prompt_tps / theirs.prompt_tps:.2f}x, "
-                f"generation {m.generation_tps / theirs.generation_tps:.2f}x, "
-                f"peak memory {m.peak_gb / theirs.peak_gb:.2f}x"
+                f"{e.label} / mlx-lm: prompt {_ratio(m.prompt_tps, theirs.prompt_tps)}, "
+                f"generation {_ratio(m.generation_tps, theirs.generation_tps)}, "
+                f"peak memory {_ratio(m.peak_gb, theirs.peak_gb)}"
             )
+
+
+def _ratio(ours: float, theirs: float) -> str:
+    # -g 1 has no tokens after the first, so no generation rate to compare.
+    return f"{ours / theirs:.2f}x" if theirs > 0 else "n/a"
 
 
 if __name__ == "__main__":

@@ -42,6 +42,12 @@ def test_each_gdn_backend_gets_its_own_row(monkeypatch):
     assert "MLX_QWEN35_GDN_BACKEND" not in os.environ  # restored after each run
 
 
+def test_one_generated_token_has_no_generation_ratio():
+    result = invoke("--config", "tiny", "-p", "5", "-g", "1", "--vs", "mlx-lm")
+    assert result.exit_code == 0, result.output
+    assert "generation n/a" in result.output
+
+
 def test_bfloat16_runs_both_models():
     result = invoke(
         "--config", "tiny", "-p", "9", "-g", "2", "--dtype", "bfloat16", "--vs", "mlx-lm"
