@@ -27,7 +27,6 @@ from typing import Any
 
 import click
 import mlx.core as mx
-import mlx.nn as nn
 
 from . import loading
 from .config import ModelConfig, TextConfig
@@ -180,35 +179,9 @@ def random_hf_weights(text: TextConfig, dtype: mx.Dtype, seed: int = 0) -> dict[
     return out
 
 
-def _quantize_like_checkpoint(
-    model: nn.Module, weights: dict[str, mx.array], config: dict[str, Any]
-) -> None:
-    quant = config.get("quantization") or config.get("quantization_config")
-    if not quant:
-        return
-    params = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
-    nn.quantize(
-        model,
-        **params,
-        class_predicate=lambda path, m: hasattr(m, "to_quantized") and f"{path}.scales" in weights,
-    )
-
-
 def build_ours(raw: dict[str, mx.array], config: ModelConfig, dtype: mx.Dtype | None) -> Model:
     """Our model from original-layout (or any readable) tensors, as `loading.load_model` does."""
-    config = replace(config, vision=None)  # the bench is text only
-    model = Model(config)
-    weights = loading.sanitize(raw, config, with_vision=False)
-    if dtype is not None:
-        weights = loading._cast(weights, dtype)
-    for k in weights:
-        if k.endswith(loading.SHIFTED_NORM_SUFFIXES):
-            weights[k] = weights[k].astype(mx.float32)
-    loading._quantize(model, weights, config)
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
-    model.eval()
-    return model
+    return loading.model_from_weights(raw, replace(config, vision=None), dtype, "bench weights")
 
 
 def _check_mlx_lm_layout(text: TextConfig, config: dict[str, Any]) -> None:
@@ -240,7 +213,7 @@ def build_mlx_lm(raw: dict[str, mx.array], config: dict[str, Any], dtype: mx.Dty
     _check_mlx_lm_layout(ModelConfig.from_dict(config).text, config)
     model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(config))
     weights = model.sanitize(dict(raw))
-    _quantize_like_checkpoint(model, weights, config)
+    loading.quantize_like_checkpoint(model, weights, config)
     if dtype is not None:
         keep = model.cast_predicate
         weights = {

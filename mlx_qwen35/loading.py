@@ -196,9 +196,15 @@ def has_vision_weights(weights: dict[str, mx.array]) -> bool:
     return any(k.startswith(("model.visual.", "vision_tower.")) for k in weights)
 
 
-def _quantize(model: nn.Module, weights: dict[str, mx.array], config: ModelConfig) -> None:
-    """Turn the Linear/Embedding layers that the checkpoint stores quantized into quantized ones."""
-    quant = config.raw.get("quantization") or config.raw.get("quantization_config")
+def quantize_like_checkpoint(
+    model: nn.Module, weights: dict[str, mx.array], config: dict[str, Any]
+) -> None:
+    """Turn the Linear/Embedding layers that the checkpoint stores quantized into quantized ones.
+
+    `config` is the raw config.json dict; per-module overrides in its quantization block (as
+    mlx-lm writes them for mixed recipes) are honoured. Works for any MLX model, mlx-lm's too.
+    """
+    quant = config.get("quantization") or config.get("quantization_config")
     if not quant:
         return
     defaults = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
@@ -235,9 +241,18 @@ def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
 
 def load_model(model_dir: str | Path, dtype: str | mx.Dtype | None = None) -> Model:
     model_dir = Path(model_dir)
-    config = load_config(model_dir)
+    config = load_config(model_dir)  # first: a missing config.json is the clearer error
+    return model_from_weights(read_weights(model_dir), config, dtype, model_dir)
+
+
+def model_from_weights(
+    raw: dict[str, mx.array],
+    config: ModelConfig,
+    dtype: str | mx.Dtype | None = None,
+    source: str | Path = "checkpoint",
+) -> Model:
+    """A ready model from tensors of any readable layout (`source` names them in errors)."""
     dtype = parse_dtype(dtype)
-    raw = read_weights(model_dir)
     if config.vision is not None and not has_vision_weights(raw):
         # Text-only conversions (mlx-lm's, for one) keep vision_config but drop the tower.
         config = replace(config, vision=None)
@@ -249,13 +264,13 @@ def load_model(model_dir: str | Path, dtype: str | mx.Dtype | None = None) -> Mo
     for k in weights:
         if k.endswith(SHIFTED_NORM_SUFFIXES):
             weights[k] = weights[k].astype(mx.float32)
-    _quantize(model, weights, config)
+    quantize_like_checkpoint(model, weights, config.raw)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         first = str(e).splitlines()[0]
         raise UserError(
-            f"{model_dir}: the weights do not match config.json ({first}); the checkpoint is "
+            f"{source}: the weights do not match config.json ({first}); the checkpoint is "
             f"incomplete or for another model"
         ) from None
     mx.eval(model.parameters())
