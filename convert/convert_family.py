@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlx_qwen35.convert import convert
 from mlx_qwen35.errors import UserError
+from mlx_qwen35.weights.convert import convert
 
 SIZES = ("0.8B", "2B", "4B", "9B")
 RECIPES = ("4bit", "8bit")

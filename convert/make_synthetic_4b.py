@@ -157,7 +157,7 @@ def write(path: Path) -> None:
 
 def _write_tokenizer(path: Path) -> None:
     """A small real tokenizer (mlx-lm's converter loads one; its vocabulary size is irrelevant)."""
-    from mlx_qwen35.tiny_random import build_tokenizer
+    from mlx_qwen35.weights.tiny_random import build_tokenizer
 
     (path / "tokenizer.json").write_text(build_tokenizer().to_str())
     config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "bos_token": None}

@@ -16,8 +16,8 @@ import sys
 from typing import Any
 
 import mlx_qwen35
-from mlx_qwen35.generate import DEFAULT_MODEL
-from mlx_qwen35.session import ChatSession
+from mlx_qwen35.cli.options import DEFAULT_MODEL
+from mlx_qwen35.engine.session import ChatSession
 
 WEATHER = {"lisbon": (21, "sunny"), "oslo": (7, "rain"), "paris": (15, "cloudy")}
 TOOLS = [

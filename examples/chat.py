@@ -13,8 +13,8 @@ import argparse
 import sys
 
 import mlx_qwen35
-from mlx_qwen35.generate import DEFAULT_MODEL
-from mlx_qwen35.session import ChatSession
+from mlx_qwen35.cli.options import DEFAULT_MODEL
+from mlx_qwen35.engine.session import ChatSession
 
 DIM, RESET = "\033[2m", "\033[0m"
 

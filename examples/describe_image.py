@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 import mlx_qwen35
-from mlx_qwen35.generate import DEFAULT_MODEL
+from mlx_qwen35.cli.options import DEFAULT_MODEL
 
 
 def demo_image(path: Path) -> Path:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 import mlx_qwen35
-from mlx_qwen35.generate import DEFAULT_MODEL
+from mlx_qwen35.cli.options import DEFAULT_MODEL
 
 
 class Assistant:

@@ -3,8 +3,15 @@
     import mlx_qwen35
     model, processor = mlx_qwen35.load("tiny-random")
     print(mlx_qwen35.generate(model, processor, "Hello", max_tokens=32))
+
+Where things live: model/ (the network and its kernels), inputs/ (processor, images, video, chat
+messages, tool calls), engine/ (sampling, generation, chat sessions), weights/ (loading,
+converter, recipes, upload), cli/ (the command lines), bench/. The modules `generate`, `chat` and
+`convert` at this level are only the `python -m mlx_qwen35.<name>` entry points.
 """
 
+import sys
+import types
 from importlib import import_module
 from typing import Any
 
@@ -13,17 +20,17 @@ __version__ = "0.1.0"
 # Imported on first use: `python -m mlx_qwen35.generate` must not find its own module already
 # imported by the package (runpy warns on stderr), and `import mlx_qwen35` stays cheap.
 _EXPORTS = {
-    "ChatSession": "session",
-    "GenerationResponse": "generate",
-    "Model": "model",
-    "Processor": "processor",
+    "ChatSession": "engine.session",
+    "GenerationResponse": "engine.generate",
+    "Model": "model.model",
+    "Processor": "inputs.processor",
     "UserError": "errors",
-    "convert": "convert",
-    "generate": "generate",
-    "load": "loading",
-    "stream_generate": "generate",
-    "ToolCall": "tools",
-    "ToolResult": "tools",
+    "convert": "weights.convert",
+    "generate": "engine.generate",
+    "load": "weights.loading",
+    "stream_generate": "engine.generate",
+    "ToolCall": "inputs.tools",
+    "ToolResult": "inputs.tools",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -35,3 +42,21 @@ def __getattr__(name: str) -> Any:
     value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """Keeps the public functions callable whatever was imported first.
+
+    Importing a submodule binds it as an attribute of its package, so `import
+    mlx_qwen35.generate` (the entry point of `python -m mlx_qwen35.generate`) would replace the
+    function `mlx_qwen35.generate` with that module. Submodules named like an export are not
+    bound; `from mlx_qwen35.generate import main` still works through sys.modules.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -81,7 +81,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "mrope_interleaved": True,
         },
         "layer_types": [
-            "full_attention", "linear_attention", "linear_attention", "full_attention",
+            "full_attention",
+            "linear_attention",
+            "linear_attention",
+            "full_attention",
             "linear_attention",
         ],
         "num_hidden_layers": 5,
@@ -105,9 +108,7 @@ def build_hf_model(
     tc = text_config(variant, **text_overrides)
     tie = bool(tc.pop("tie_word_embeddings", False))
     vc = dict(VISION_BASE, out_hidden_size=tc["hidden_size"])
-    config = Qwen3_5Config(
-        text_config=tc, vision_config=vc, tie_word_embeddings=tie, **TOKEN_IDS
-    )
+    config = Qwen3_5Config(text_config=tc, vision_config=vc, tie_word_embeddings=tie, **TOKEN_IDS)
     config.text_config.tie_word_embeddings = tie
     torch.manual_seed(seed)
     model = Qwen3_5ForConditionalGeneration(config).float().eval()

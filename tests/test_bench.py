@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_qwen35 import bench
-from mlx_qwen35.config import ModelConfig
+from mlx_qwen35.bench import cli as bench
+from mlx_qwen35.model.config import ModelConfig
 
 
 def invoke(*args: str):
@@ -33,8 +33,18 @@ def test_vs_mlx_lm_prints_both_models_and_ratios():
 def test_each_gdn_backend_gets_its_own_row(monkeypatch):
     monkeypatch.delenv("MLX_QWEN35_GDN_BACKEND", raising=False)
     result = invoke(
-        "--config", "tiny", "-p", "20", "-g", "2",
-        "--gdn-backend", "ops", "--gdn-backend", "chunked", "--vs", "mlx-lm",
+        "--config",
+        "tiny",
+        "-p",
+        "20",
+        "-g",
+        "2",
+        "--gdn-backend",
+        "ops",
+        "--gdn-backend",
+        "chunked",
+        "--vs",
+        "mlx-lm",
     )
     assert result.exit_code == 0, result.output
     assert "mlx-qwen35[ops] / mlx-lm" in result.output
@@ -57,7 +67,7 @@ def test_bfloat16_runs_both_models():
 
 
 def test_a_checkpoint_cut_to_fewer_layers(tmp_path):
-    from mlx_qwen35.tiny_random import ensure_tiny_random
+    from mlx_qwen35.weights.tiny_random import ensure_tiny_random
 
     path = ensure_tiny_random(tmp_path)
     result = invoke("--model", str(path), "--layers", "4", "-p", "8", "-g", "2", "--vs", "mlx-lm")
@@ -131,11 +141,15 @@ def test_slow_blas_warning():
 
 def test_the_real_sizes_have_the_published_dimensions():
     for size, (hidden, layers, tied) in {
-        "0.8b": (1024, 24, True), "2b": (2048, 24, True), "4b": (2560, 32, True),
+        "0.8b": (1024, 24, True),
+        "2b": (2048, 24, True),
+        "4b": (2560, 32, True),
         "9b": (4096, 32, False),
     }.items():
         text = ModelConfig.from_dict(bench.size_config(size)).text
         assert (text.hidden_size, text.num_hidden_layers, text.tie_word_embeddings) == (
-            hidden, layers, tied
+            hidden,
+            layers,
+            tied,
         )
         assert text.vocab_size == 248320 and text.layer_types[3] == "full_attention"

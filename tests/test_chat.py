@@ -8,11 +8,11 @@ import json
 import mlx.core as mx
 import pytest
 
-from mlx_qwen35.chat import build_messages, parse_tool_calls, split_thinking
-from mlx_qwen35.config import load_config
 from mlx_qwen35.errors import UserError
-from mlx_qwen35.processor import Processor
-from mlx_qwen35.tiny_random import ensure_tiny_random
+from mlx_qwen35.inputs.messages import build_messages, parse_tool_calls, split_thinking
+from mlx_qwen35.inputs.processor import Processor
+from mlx_qwen35.model.config import load_config
+from mlx_qwen35.weights.tiny_random import ensure_tiny_random
 
 WEATHER = {
     "type": "function",

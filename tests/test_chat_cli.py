@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from mlx_qwen35.chat_cli import DIM, RESET, main
-from mlx_qwen35.loading import load
-from mlx_qwen35.session import ChatSession
-from mlx_qwen35.tiny_random import CACHE_ENV, ensure_tiny_random
+from mlx_qwen35.cli.chat import DIM, RESET, main
+from mlx_qwen35.engine.session import ChatSession
+from mlx_qwen35.weights.loading import load
+from mlx_qwen35.weights.tiny_random import CACHE_ENV, ensure_tiny_random
 
 FLAGS = ["--temp", "0", "--presence-penalty", "0", "-m", "6", "--thinking-budget", "2"]
 

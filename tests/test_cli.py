@@ -12,9 +12,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from mlx_qwen35.generate import generate, main
-from mlx_qwen35.loading import load
-from mlx_qwen35.tiny_random import CACHE_ENV, ensure_tiny_random
+from mlx_qwen35.cli.generate import main
+from mlx_qwen35.engine.generate import generate
+from mlx_qwen35.weights.loading import load
+from mlx_qwen35.weights.tiny_random import CACHE_ENV, ensure_tiny_random
 
 PROMPT = "Hello there"
 

@@ -14,16 +14,17 @@ from hf_reference import hf_logits
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 
-from mlx_qwen35.convert import INDEX_FILE, MTP_FILE, convert
-from mlx_qwen35.loading import load_model
-from mlx_qwen35.recipes import builtin_names, load_recipe
+from mlx_qwen35.weights.convert import convert
+from mlx_qwen35.weights.convert_plan import INDEX_FILE, MTP_FILE
+from mlx_qwen35.weights.loading import load_model
+from mlx_qwen35.weights.recipes import builtin_names, load_recipe
 
 RECIPES = ["4bit", "8bit", "mixed"]
 
 
 def add_tokenizer(path: Path) -> None:
     """Tokenizer files for a test checkpoint (mlx-lm's load and convert need them)."""
-    from mlx_qwen35.tiny_random import build_tokenizer
+    from mlx_qwen35.weights.tiny_random import build_tokenizer
 
     (path / "tokenizer.json").write_text(build_tokenizer().to_str())
     config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "bos_token": None}
@@ -172,7 +173,7 @@ def test_output_layout_is_ours(sharded_mtp_source, tmp_path):
 
 
 def test_side_files_and_model_card(tmp_path):
-    from mlx_qwen35.tiny_random import ensure_tiny_random
+    from mlx_qwen35.weights.tiny_random import ensure_tiny_random
 
     src = ensure_tiny_random(tmp_path / "cache")
     (src / "LICENSE").write_text("Apache License 2.0\n")
@@ -203,7 +204,7 @@ def test_side_files_and_model_card(tmp_path):
 
 
 def test_no_vision_no_mtp(tmp_path):
-    from mlx_qwen35.tiny_random import ensure_tiny_random
+    from mlx_qwen35.weights.tiny_random import ensure_tiny_random
 
     src = ensure_tiny_random(tmp_path / "cache")
     out = convert(src, tmp_path / "out", vision=False, mtp=False, progress=False).out

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlx_qwen35.convert import main
+from mlx_qwen35.cli.convert import main
 
-CONVERT = sys.modules["mlx_qwen35.convert"]
+CONVERT = sys.modules["mlx_qwen35.weights.convert_write"]
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_qwen35.convert import convert
-from mlx_qwen35.loading import load_model
-from mlx_qwen35.tiny_random import ensure_tiny_random
+from mlx_qwen35.weights.convert import convert
+from mlx_qwen35.weights.loading import load_model
+from mlx_qwen35.weights.tiny_random import ensure_tiny_random
 
 IDS = np.random.RandomState(1).randint(0, 700, size=(1, 29))
 
@@ -58,7 +58,7 @@ def test_mlx_vlm_loads_everything(outputs, which):
     pytest.importorskip("mlx_vlm")
     from mlx_vlm.utils import load
 
-    from mlx_qwen35.config import load_config
+    from mlx_qwen35.model.config import load_config
 
     model, processor = load(str(outputs[which]))
     assert processor is not None

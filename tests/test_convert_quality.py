@@ -10,8 +10,8 @@ import pytest
 from hf_reference import build_hf_model, save_hf_checkpoint
 from test_convert import add_tokenizer
 
-from mlx_qwen35 import quality
-from mlx_qwen35.convert import convert
+from mlx_qwen35.weights import quality
+from mlx_qwen35.weights.convert import convert
 
 mlx_lm_convert = pytest.importorskip("mlx_lm.convert").convert
 

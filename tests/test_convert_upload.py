@@ -9,7 +9,8 @@ import huggingface_hub
 import pytest
 from click.testing import CliRunner
 
-from mlx_qwen35.convert import convert, main
+from mlx_qwen35.cli.convert import main
+from mlx_qwen35.weights.convert import convert
 
 
 class FakeHfApi:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mlx_qwen35.errors import UserError
-from mlx_qwen35.gated_delta import (
+from mlx_qwen35.model.gated_delta import (
     causal_conv1d,
     chunked_gated_delta,
     dispatch,
@@ -26,7 +26,7 @@ from mlx_qwen35.gated_delta import (
     gated_delta_update,
     select_backend,
 )
-from mlx_qwen35.gated_delta.chunked import unit_lower_inverse
+from mlx_qwen35.model.gated_delta.chunked import unit_lower_inverse
 
 # ---------------------------------------------------------------- float64 numpy references
 
@@ -470,12 +470,13 @@ def test_bad_backend_names(monkeypatch):
 
 def test_metal_hook_is_lazy_and_routed(monkeypatch):
     code = (
-        "import sys, mlx_qwen35.gated_delta; print('mlx_qwen35.gated_delta.metal' in sys.modules)"
+        "import sys, mlx_qwen35.model.gated_delta; "
+        "print('mlx_qwen35.model.gated_delta.metal' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
-    from mlx_qwen35.gated_delta import metal
+    from mlx_qwen35.model.gated_delta import metal
 
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)

@@ -8,11 +8,12 @@ import copy
 import mlx.core as mx
 import pytest
 
+from mlx_qwen35.engine.generate import generate, stream_generate
 from mlx_qwen35.errors import UserError
-from mlx_qwen35.generate import generate, prompt_tokens, stream_generate
-from mlx_qwen35.loading import load
-from mlx_qwen35.processor import Processor
-from mlx_qwen35.tiny_random import ensure_tiny_random
+from mlx_qwen35.inputs.processor import Processor
+from mlx_qwen35.inputs.prompt import prompt_tokens
+from mlx_qwen35.weights.loading import load
+from mlx_qwen35.weights.tiny_random import ensure_tiny_random
 
 PROMPT = "Tell me about the river town."
 
@@ -151,7 +152,7 @@ def test_generate_step_takes_prepared_embeddings_and_positions(tiny):
     sliced per prefill step; decoding then continues from the position the cache records."""
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_qwen35.generate import generate_step
+    from mlx_qwen35.engine.generate import generate_step
 
     model, processor = tiny
     ids = mx.array(prompt_tokens(processor, PROMPT), dtype=mx.uint32)

@@ -13,9 +13,9 @@ import pytest
 from hf_reference import hf_logits
 from mlx.utils import tree_flatten
 
-from mlx_qwen35.config import FORMAT_KEY
 from mlx_qwen35.errors import UserError
-from mlx_qwen35.loading import load_model, resolve_model_path
+from mlx_qwen35.model.config import FORMAT_KEY
+from mlx_qwen35.weights.loading import load_model, resolve_model_path
 
 IDS = np.random.RandomState(0).randint(0, 300, size=(1, 19))
 

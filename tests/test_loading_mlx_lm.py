@@ -9,8 +9,8 @@ import pytest
 from hf_reference import build_hf_model, hf_logits, save_hf_checkpoint
 from test_convert import add_tokenizer
 
-from mlx_qwen35.config import load_config
-from mlx_qwen35.loading import checkpoint_layout, load_model, read_weights
+from mlx_qwen35.model.config import load_config
+from mlx_qwen35.weights.loading import checkpoint_layout, load_model, read_weights
 
 mlx_lm_convert = pytest.importorskip("mlx_lm.convert").convert
 mlx_lm_load = pytest.importorskip("mlx_lm").load

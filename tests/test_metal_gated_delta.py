@@ -20,7 +20,7 @@ from metal_emu import Recorder, emulate_metal, skip_unless_kernels_can_run
 from metal_emu import gdn_reference as ref
 from metal_emu.emulator import to_numpy
 
-from mlx_qwen35.gated_delta import metal
+from mlx_qwen35.model.gated_delta import metal
 
 skip_unless_kernels_can_run()  # the emulator, or real Metal with MLX_QWEN35_METAL_EMU=0
 
@@ -244,7 +244,7 @@ def test_recurrence_kernel_half_precision(emu, dtype):
 
 
 def test_matches_the_portable_reference_backend(emu):
-    from mlx_qwen35.gated_delta import gated_delta_core, gated_delta_update
+    from mlx_qwen35.model.gated_delta import gated_delta_core, gated_delta_update
 
     Hk, Hv, Dk, Dv = 1, 3, 32, 16
     inp = core_inputs(2, 17, Hk, Hv, Dk, Dv, seed=4)
@@ -349,7 +349,7 @@ def test_kernels_are_built_lazily_once_per_factory(monkeypatch):
 
 
 def test_default_dispatch_routes_short_calls_to_metal(emu):
-    from mlx_qwen35.gated_delta import gated_delta_core
+    from mlx_qwen35.model.gated_delta import gated_delta_core
 
     Hk, Hv, Dk, Dv = 1, 2, 16, 8
     for T in (1, metal.MAX_FUSED_T, metal.MAX_FUSED_T + 1):

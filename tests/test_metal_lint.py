@@ -8,7 +8,7 @@ import pytest
 from metal_emu import lint
 from metal_emu.build import PRELUDE
 
-from mlx_qwen35.gated_delta import metal
+from mlx_qwen35.model.gated_delta import metal
 
 
 @pytest.mark.parametrize("name", list(metal.KERNELS))

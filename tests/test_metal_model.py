@@ -12,7 +12,7 @@ import pytest
 from hf_reference import hf_logits
 from metal_emu import emulate_metal, skip_unless_kernels_can_run
 
-from mlx_qwen35.loading import load_model
+from mlx_qwen35.weights.loading import load_model
 
 skip_unless_kernels_can_run()  # the emulator, or real Metal with MLX_QWEN35_METAL_EMU=0
 

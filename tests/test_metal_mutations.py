@@ -23,7 +23,7 @@ from metal_emu import (
 )
 from metal_emu import gdn_reference as ref
 
-from mlx_qwen35.gated_delta import metal
+from mlx_qwen35.model.gated_delta import metal
 
 skip_on_real_metal()  # tests what the emulator detects
 skip_unless_kernels_can_run()

@@ -19,13 +19,14 @@ from mlx.utils import tree_flatten
 from PIL import Image
 from test_vision import sharpen
 
-import mlx_qwen35.vision as vision
-from mlx_qwen35.cache import KVCache
+import mlx_qwen35.model.vision as vision
+from mlx_qwen35.engine.generate import generate, stream_generate
 from mlx_qwen35.errors import UserError
-from mlx_qwen35.generate import generate, prepare_prompt, stream_generate
-from mlx_qwen35.loading import load, load_model
-from mlx_qwen35.model import Model
-from mlx_qwen35.tiny_random import CACHE_ENV, ensure_tiny_random
+from mlx_qwen35.inputs.prompt import prepare_prompt
+from mlx_qwen35.model.cache import KVCache
+from mlx_qwen35.model.model import Model
+from mlx_qwen35.weights.loading import load, load_model
+from mlx_qwen35.weights.tiny_random import CACHE_ENV, ensure_tiny_random
 
 TOL = 1e-4
 IMG, VID = TOKEN_IDS["image_token_id"], TOKEN_IDS["video_token_id"]

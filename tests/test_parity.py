@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hf_reference import hf_logits
 
-from mlx_qwen35.loading import load_model
+from mlx_qwen35.weights.loading import load_model
 
 TOL = 1e-4
 VARIANTS = ["base", "tied", "hv_eq_hk", "hv3"]

@@ -8,7 +8,7 @@ import torch
 from hf_reference import TOKEN_IDS, build_hf_model
 
 from mlx_qwen35.errors import UserError
-from mlx_qwen35.positions import decode_positions, rope_index
+from mlx_qwen35.model.positions import decode_positions, rope_index
 
 IMG = TOKEN_IDS["image_token_id"]
 VID = TOKEN_IDS["video_token_id"]

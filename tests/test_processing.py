@@ -15,15 +15,13 @@ import pytest
 from PIL import Image
 
 from mlx_qwen35.errors import UserError
-from mlx_qwen35.processing import (
-    ImageProcessor,
+from mlx_qwen35.inputs.images import ImageProcessor, smart_resize
+from mlx_qwen35.inputs.placeholders import expand_prompt, expand_prompts
+from mlx_qwen35.inputs.video import (
     VideoFrames,
     VideoProcessor,
-    expand_prompt,
-    expand_prompts,
     group_timestamps,
     sample_frame_indices,
-    smart_resize,
 )
 
 QWEN35_IMAGE = dict(

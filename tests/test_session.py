@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_qwen35.config import TextConfig
-from mlx_qwen35.errors import UserError
-from mlx_qwen35.loading import load, load_model
-from mlx_qwen35.session import (
+from mlx_qwen35.engine.session import (
     ChatSession,
     common_prefix_length,
     snapshot_nbytes,
     thinking_budget_processor,
 )
-from mlx_qwen35.tiny_random import ensure_tiny_random
-from mlx_qwen35.tools import ToolCall, ToolCallWarning
+from mlx_qwen35.errors import UserError
+from mlx_qwen35.inputs.tools import ToolCall, ToolCallWarning
+from mlx_qwen35.model.config import TextConfig
+from mlx_qwen35.weights.loading import load, load_model
+from mlx_qwen35.weights.tiny_random import ensure_tiny_random
 
 GREEDY = dict(temp=0.0, presence_penalty=0.0)
 WEATHER = {

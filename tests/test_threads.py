@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from mlx_qwen35.tiny_random import CACHE_ENV, ensure_tiny_random
+from mlx_qwen35.weights.tiny_random import CACHE_ENV, ensure_tiny_random
 
 SCRIPT = r"""
 import ctypes

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mlx_qwen35.config import load_config
-from mlx_qwen35.tiny_random import (
+from mlx_qwen35.model.config import load_config
+from mlx_qwen35.weights.tiny_random import (
     ADDED_TOKENS,
     CACHE_ENV,
     NAME,

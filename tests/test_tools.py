@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_qwen35.config import load_config
 from mlx_qwen35.errors import UserError
-from mlx_qwen35.processor import Processor
-from mlx_qwen35.tiny_random import ensure_tiny_random
-from mlx_qwen35.tools import (
+from mlx_qwen35.inputs.processor import Processor
+from mlx_qwen35.inputs.tools import (
     ToolCall,
     ToolResult,
     convert_value,
     normalize_tools,
     parse_tool_calls,
 )
+from mlx_qwen35.model.config import load_config
+from mlx_qwen35.weights.tiny_random import ensure_tiny_random
 
 WEATHER = {
     "type": "function",

@@ -9,10 +9,10 @@ import torch
 from hf_reference import VISION_BASE, build_hf_model
 from mlx.utils import tree_flatten
 
-import mlx_qwen35.vision as vision
-from mlx_qwen35.config import VisionConfig
+import mlx_qwen35.model.vision as vision
 from mlx_qwen35.errors import UserError
-from mlx_qwen35.vision import VisionModel
+from mlx_qwen35.model.config import VisionConfig
+from mlx_qwen35.model.vision import VisionModel
 
 TOL = 1e-4
 

@@ -1,0 +1,316 @@
+"""`python -m mlx_qwen35.chat`: an interactive multi-turn chat in the terminal.
+
+Each line you type is a message; the reply streams back, its thinking dimmed (or hidden with
+--hide-thinking). The conversation's caches are kept between turns (see engine/session.py), so a turn
+only processes what is new. Commands:
+
+    /image PATH   attach an image to your next message (repeatable)
+    /video PATH   attach a video to your next message
+    /reset        start over (the system prompt stays)
+    /save FILE    save the conversation and its caches
+    /load FILE    continue a saved conversation
+    /help         list the commands
+    /exit         quit (so does Ctrl-D)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+
+from ..engine.sampling import check_sampling
+from ..engine.session import ChatSession, Reply, TurnResult
+from ..errors import UserError
+from ..inputs.processor import apply_media_options, check_media_options
+from . import options as cli
+
+DIM, RESET = "\033[2m", "\033[0m"
+PROMPT = ">> "
+COMMANDS = {
+    "/image PATH": "attach an image to your next message",
+    "/video PATH": "attach a video to your next message",
+    "/reset": "start over (the system prompt stays)",
+    "/save FILE": "save the conversation and its caches",
+    "/load FILE": "continue a saved conversation",
+    "/help": "list the commands",
+    "/exit": "quit (so does Ctrl-D)",
+}
+
+
+class ChatApp:
+    """The read-eval-print loop around a ChatSession; `out` gets replies, `err` messages."""
+
+    def __init__(
+        self,
+        session: ChatSession,
+        *,
+        images: list[str] | None = None,
+        videos: list[str] | None = None,
+        hide_thinking: bool = False,
+        verbose: bool = False,
+        color: bool = False,
+        overrides: dict[str, Any] | None = None,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+    ):
+        self.session = session
+        self.images = list(images or [])
+        self.videos = list(videos or [])
+        self.hide_thinking = hide_thinking
+        self.verbose = verbose
+        self.color = color
+        self.overrides = overrides or {}  # settings given on the command line win over /load
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def run(self, lines: Any) -> None:
+        """Handle lines until /exit or the end of the input."""
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            try:
+                self.turn(line)
+            except UserError as e:
+                self.error(str(e))
+            except KeyboardInterrupt:
+                self.write("\n")
+                self.note("(stopped)")
+
+    def command(self, line: str) -> bool:
+        """Run one /command; False means quit."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        try:
+            if name in ("/exit", "/quit"):
+                return False
+            if name == "/help":
+                for usage, what in COMMANDS.items():
+                    self.note(f"{usage:<13} {what}")
+            elif name in ("/image", "/video"):
+                self.attach(name[1:], arg)
+            elif name == "/reset":
+                self.session.reset()
+                self.images, self.videos = [], []
+                self.note("Started over.")
+            elif name == "/save":
+                self.session.save(_need(arg, "/save FILE"))
+                self.note(f"Saved to {arg}.")
+            elif name == "/load":
+                self.session = ChatSession.load(
+                    _need(arg, "/load FILE"),
+                    self.session.model,
+                    self.session.processor,
+                    **self.overrides,
+                )
+                turns = sum(m["role"] == "user" for m in self.session.history)
+                self.note(f"Loaded {arg}: {turns} user message(s), ready to continue.")
+            else:
+                self.error(f"unknown command {name}; /help lists the commands")
+        except UserError as e:
+            self.error(str(e))
+        return True
+
+    def attach(self, kind: str, path: str) -> None:
+        path = _need(path, f"/{kind} PATH")
+        if not Path(path).expanduser().exists():
+            raise UserError(f"{path}: no such file")
+        (self.images if kind == "image" else self.videos).append(str(Path(path).expanduser()))
+        self.note(f"Attached {path} to your next message.")
+
+    def turn(self, text: str) -> TurnResult:
+        reply = self.session.send(text, images=self.images or None, videos=self.videos or None)
+        self.images, self.videos = [], []  # send() took them (it raises before if they are bad)
+        try:
+            self.show(reply)
+        except KeyboardInterrupt:
+            reply.close()
+            self.write("\n")
+            self.note("(stopped)")
+        result = reply.result
+        for warning in result.warnings:
+            self.error(f"tool call: {warning}")
+        if self.verbose:
+            self.note(
+                f"[prompt {result.prompt_tokens} tokens: {result.reused_tokens} reused, "
+                f"{result.prefilled_tokens} prefilled, {result.prompt_tps:.1f} tok/s | "
+                f"{result.generation_tokens} generated, {result.generation_tps:.1f} tok/s | "
+                f"peak {result.peak_memory:.2f} GB]"
+            )
+        return result
+
+    def show(self, reply: Reply) -> None:
+        """Stream the reply: thinking dimmed (or between <think> tags without color) or hidden."""
+        thinking = False
+        for piece in reply:
+            if piece.thinking and not thinking:
+                thinking = True
+                if not self.hide_thinking:
+                    self.write(DIM if self.color else "<think>\n")
+            if piece.thinking:
+                if not self.hide_thinking:
+                    self.write(piece.text)
+                continue
+            if thinking:
+                thinking = False
+                if not self.hide_thinking:
+                    self.write((RESET if self.color else "\n</think>") + "\n\n")
+            self.write(piece.text)
+        if thinking and not self.hide_thinking:
+            self.write(RESET if self.color else "\n</think>")
+        self.write("\n")
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.err.write(f"{DIM}{text}{RESET}\n" if self.color else f"{text}\n")
+        self.err.flush()
+
+    def error(self, text: str) -> None:
+        self.err.write(f"Error: {text}\n")
+        self.err.flush()
+
+
+def _need(arg: str, usage: str) -> str:
+    if not arg:
+        raise UserError(f"usage: {usage}")
+    return arg
+
+
+def _input_lines(prompt: str) -> Any:
+    """Lines from the terminal (with a prompt and line editing) until Ctrl-D or Ctrl-C."""
+    while True:
+        try:
+            yield input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+
+
+@click.command(context_settings=cli.CONTEXT_SETTINGS)
+@cli.model_option
+@cli.system_option
+@cli.image_option("An image for the first message.")
+@cli.video_option("A video for the first message.")
+@cli.max_pixels_option("Pixel cap per image and video frame (default: the checkpoint's).")
+@cli.fps_option("Video frames sampled per second [2].")
+@cli.max_frames_option("Most frames sampled from one video.")
+@cli.max_tokens_option(None, "Most tokens per reply [4096].")
+@cli.sampling_options(model_card=True)
+@cli.seed_option
+@cli.think_option
+@click.option(
+    "--thinking-budget",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Close the thinking block after this many tokens and let the model answer.",
+)
+@click.option("--hide-thinking", is_flag=True, help="Do not print the thinking block.")
+@cli.dtype_option
+@cli.prefill_step_size_option("Prompt tokens per prefill step.")
+@click.option(
+    "--max-snapshots",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Cache snapshots kept for reuse between turns [4].",
+)
+@click.option("--verbose", is_flag=True, help="Print token counts, speed and memory per reply.")
+def main(
+    model: str,
+    system: str | None,
+    images: tuple[str, ...],
+    videos: tuple[str, ...],
+    max_pixels: int | None,
+    fps: float | None,
+    max_frames: int | None,
+    max_tokens: int | None,
+    temp: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    min_p: float | None,
+    repetition_penalty: float | None,
+    presence_penalty: float | None,
+    seed: int | None,
+    think: bool | None,
+    thinking_budget: int | None,
+    hide_thinking: bool,
+    dtype: str | None,
+    prefill_step_size: int,
+    max_snapshots: int | None,
+    verbose: bool,
+) -> None:
+    """Chat with a Qwen3.5 model in the terminal (/help lists the commands)."""
+    from ..weights.loading import load
+
+    given = {
+        "max_tokens": max_tokens,
+        "temp": temp,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "repetition_penalty": repetition_penalty,
+        "presence_penalty": presence_penalty,
+        "enable_thinking": think,
+        "thinking_budget": thinking_budget,
+        "max_snapshots": max_snapshots,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    try:
+        for path in (*images, *videos):
+            if not Path(path).expanduser().exists():
+                raise UserError(f"{path}: no such file")
+        # Check what needs no model before loading one (which may mean a download).
+        check_sampling(
+            max_tokens=1 if max_tokens is None else max_tokens,
+            temp=temp or 0.0,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=top_k or 0,
+            min_p=min_p or 0.0,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            prefill_step_size=prefill_step_size,
+        )
+        check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
+        qwen, processor = load(model, dtype=dtype)
+        processor = apply_media_options(
+            processor, fps=fps, max_pixels=max_pixels, max_frames=max_frames
+        )
+        session = ChatSession(
+            qwen,
+            processor,
+            system=system,
+            seed=seed,
+            prefill_step_size=prefill_step_size,
+            **overrides,
+        )
+    except UserError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    app = ChatApp(
+        session,
+        images=list(images),
+        videos=list(videos),
+        hide_thinking=hide_thinking,
+        verbose=verbose,
+        color=color,
+        overrides=overrides,
+    )
+    interactive = sys.stdin.isatty()
+    if interactive:
+        app.note(f"Chatting with {model}. /help lists the commands, /exit quits.")
+    app.run(_input_lines(PROMPT) if interactive else sys.stdin)
+
+
+if __name__ == "__main__":
+    main()

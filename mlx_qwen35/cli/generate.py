@@ -1,0 +1,109 @@
+"""`python -m mlx_qwen35.generate`: one reply, streamed to stdout."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import UserError
+from ..inputs.processor import check_media_options
+from ..inputs.prompt import _check_text_prompt
+from . import options as cli
+from .options import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported: the examples use it
+
+DEFAULT_PROMPT = "hello"
+
+
+@click.command(context_settings=cli.CONTEXT_SETTINGS)
+@cli.model_option
+@click.option(
+    "--prompt",
+    "-p",
+    default=DEFAULT_PROMPT,
+    show_default=True,
+    help="The user message; - reads it from stdin.",
+)
+@cli.system_option
+@cli.image_option("An image to show the model (repeatable; shown before the prompt, in order).")
+@cli.video_option("A video (file, animated GIF/WebP or folder of frames; repeatable).")
+@cli.fps_option("Video frames sampled per second (default: the checkpoint's, usually 2).")
+@cli.max_pixels_option(
+    "Pixel cap per image and per video frame; larger ones are scaled down before the "
+    "vision tower (default: the checkpoint's)."
+)
+@cli.max_frames_option("Most frames sampled from one video (default: the checkpoint's).")
+@cli.max_tokens_option(256)
+@cli.sampling_options(model_card=False)
+@cli.seed_option
+@cli.think_option
+@cli.dtype_option
+@cli.prefill_step_size_option("Prompt tokens per prefill step (bounds memory for long prompts).")
+@click.option("--verbose", is_flag=True, help="Print prompt/generation speed and peak memory.")
+def main(
+    model: str,
+    prompt: str,
+    system: str | None,
+    images: tuple[str, ...],
+    videos: tuple[str, ...],
+    fps: float | None,
+    max_pixels: int | None,
+    max_frames: int | None,
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float | None,
+    presence_penalty: float | None,
+    seed: int | None,
+    think: bool | None,
+    dtype: str | None,
+    prefill_step_size: int,
+    verbose: bool,
+) -> None:
+    """Generate a reply from a Qwen3.5 model, streaming it to stdout."""
+    from ..engine.generate import _print_stream, stream_generate
+    from ..engine.sampling import check_sampling
+    from ..weights.loading import load
+
+    try:
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        sampling = dict(
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+        )
+        # Check what needs no model before loading one (which may mean a download).
+        check_sampling(max_tokens=max_tokens, prefill_step_size=prefill_step_size, **sampling)
+        check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
+        _check_text_prompt(prompt)
+        qwen, processor = load(model, dtype=dtype)
+        responses = stream_generate(
+            qwen,
+            processor,
+            prompt,
+            max_tokens,
+            images=list(images),
+            videos=list(videos),
+            fps=fps,
+            max_pixels=max_pixels,
+            max_frames=max_frames,
+            system=system,
+            enable_thinking=think,
+            seed=seed,
+            prefill_step_size=prefill_step_size,
+            verbose=verbose,
+            **sampling,
+        )
+        _print_stream(responses, verbose=verbose)
+    except UserError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Generation: sampling, the generation loop, chat sessions and their saved form."""

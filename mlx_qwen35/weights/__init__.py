@@ -1,0 +1,2 @@
+"""Checkpoints: loading (local, Hub, tiny-random), the converter with its recipes and quality
+report, quantization, and upload."""
