@@ -73,6 +73,11 @@ class ChatApp:
             line = line.strip()
             if not line:
                 continue
+            try:
+                cli.check_utf8(line, "that line")
+            except UserError as e:
+                self.error(str(e))
+                continue
             if line.startswith("/"):
                 if not self.command(line):
                     return
@@ -311,6 +316,8 @@ def main(
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
+        if system is not None:
+            cli.check_utf8(system, "the system prompt")
         for path in (*images, *videos):
             if not Path(path).expanduser().exists():
                 raise UserError(f"{path}: no such file")
@@ -326,6 +333,7 @@ def main(
             repetition_penalty=repetition_penalty,
             presence_penalty=presence_penalty,
             prefill_step_size=prefill_step_size,
+            seed=seed,
         )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         qwen, processor = load(model, dtype=dtype)
@@ -353,6 +361,10 @@ def main(
         color=color,
         overrides=overrides,
     )
+    # Lines that are not UTF-8 reach ChatApp.run as text it can refuse, instead of an exception
+    # from inside the read that would end the chat.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         app.note(f"Chatting with {model}. /help lists the commands, /exit quits.")

@@ -68,8 +68,10 @@ def main(
     from ..weights.loading import load
 
     try:
-        if prompt == "-":
-            prompt = sys.stdin.read()
+        prompt = cli.read_stdin("the prompt on stdin") if prompt == "-" else prompt
+        cli.check_utf8(prompt, "the prompt")
+        if system is not None:
+            cli.check_utf8(system, "the system prompt")
         sampling = dict(
             temp=temp,
             top_p=top_p,
@@ -79,7 +81,9 @@ def main(
             presence_penalty=presence_penalty,
         )
         # Check what needs no model before loading one (which may mean a download).
-        check_sampling(max_tokens=max_tokens, prefill_step_size=prefill_step_size, **sampling)
+        check_sampling(
+            max_tokens=max_tokens, prefill_step_size=prefill_step_size, seed=seed, **sampling
+        )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         _check_text_prompt(prompt)
         qwen, processor = load(model, dtype=dtype)

@@ -223,6 +223,7 @@ def stream_generate(
         repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty,
         prefill_step_size=prefill_step_size,
+        seed=seed,
     )
     processor = apply_media_options(
         processor, fps=fps, max_pixels=max_pixels, max_frames=max_frames

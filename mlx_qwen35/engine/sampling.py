@@ -7,6 +7,8 @@ from typing import Any
 
 from ..errors import UserError
 
+MAX_SEED = 2**64 - 1  # MLX's random seed is an unsigned 64-bit integer
+
 
 def check_sampling(
     *,
@@ -18,6 +20,7 @@ def check_sampling(
     repetition_penalty: float | None,
     presence_penalty: float | None,
     prefill_step_size: int,
+    seed: int | None = None,
 ) -> None:
     """Raise UserError, saying what to pass instead, for any out-of-range setting."""
 
@@ -47,3 +50,5 @@ def check_sampling(
         raise UserError(f"presence_penalty must be a finite number, got {presence_penalty!r}")
     if not is_int(prefill_step_size) or prefill_step_size <= 0:
         raise UserError(f"prefill_step_size must be a positive integer, got {prefill_step_size!r}")
+    if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise UserError(f"seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {seed!r}")

@@ -235,7 +235,10 @@ class ChatSession:
         self.prefill_step_size = prefill_step_size
         for mode in (True, False):
             check_sampling(
-                max_tokens=max_tokens, prefill_step_size=prefill_step_size, **self._sampling(mode)
+                max_tokens=max_tokens,
+                prefill_step_size=prefill_step_size,
+                seed=seed,
+                **self._sampling(mode),
             )
         if type(max_snapshots) is not int or max_snapshots < 0:
             raise UserError(f"max_snapshots must be an integer >= 0, got {max_snapshots!r}")

@@ -151,7 +151,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise UserError(f"text to encode must be a string, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except (TypeError, UnicodeError):
+            _check_utf8(text)
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -269,6 +273,18 @@ class Tokenizer:
             **{**self.special_tokens, **kwargs},
         )
         return self.encode(text) if tokenize else text
+
+
+def _check_utf8(text: str) -> None:
+    """UserError for text holding lone surrogates (bytes that were not UTF-8, decoded with
+    errors="surrogateescape", as argv is), which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(
+            f"the text holds U+{ord(text[e.start]):04X}, a lone surrogate (what Python makes of "
+            "bytes that are not UTF-8); pass UTF-8 text"
+        ) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
