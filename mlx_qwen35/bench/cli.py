@@ -381,9 +381,9 @@ def _with_backend(backend: str | None, fn: Callable[[], RunResult]) -> RunResult
 
 
 def _print_row(run: str, label: str, r: RunResult, width: int) -> None:
-    click.echo(
-        f"{run:<7}{label:<{width}}{r.prompt_tps:>14.2f}{r.generation_tps:>12.2f}{r.peak_gb:>10.3f}",
-    )
+    # -g 1 times no token after the first: no generation rate (as its ratio says).
+    gen = f"{r.generation_tps:.2f}" if r.generation_tps > 0 else "n/a"
+    click.echo(f"{run:<7}{label:<{width}}{r.prompt_tps:>14.2f}{gen:>12}{r.peak_gb:>10.3f}")
 
 
 def _median(results: list[RunResult]) -> RunResult:
@@ -415,7 +415,7 @@ def load_source(
     return config, raw, f"config {size} (random weights)"
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", help="Checkpoint: local dir, Hub repo id or tiny-random.")
 @click.option(
     "--config",
@@ -471,7 +471,7 @@ def main(
             seed,
         )
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"Error: {e}", err=True)
         sys.exit(1)
 
 
