@@ -99,3 +99,11 @@ def test_api_text_with_lone_surrogates(tiny):
         mlx_qwen35.generate(model, processor, "hi \udcff", max_tokens=1)
     with pytest.raises(UserError, match="lone surrogate"):
         processor.encode("\ud800")
+
+
+def test_too_long_prompt_is_one_line_and_nothing_else(tiny_path):
+    """The error alone: no tokenizer library warning about the length before it."""
+    out = _run(["mlx_qwen35.generate", "--model", tiny_path, "-p", "word " * 3000, "-m", "1"])
+    assert out.returncode == 1 and not out.stdout
+    assert out.stderr.decode().count("\n") == 1, out.stderr
+    one_error_line(out.stderr.decode(), r"the prompt has \d+ tokens but the model's context is")
