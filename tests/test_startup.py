@@ -37,12 +37,12 @@ def _entry_points() -> list[str]:
     return sorted(found)
 
 
-def _heavy_modules_after(code: str, tmp_path: Path) -> list[str]:
-    """The heavy packages in sys.modules after `code` runs in a fresh interpreter."""
+def _heavy_modules_after(code: str, tmp_path: Path, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """The `heavy` packages in sys.modules after `code` runs in a fresh interpreter."""
     script = (
         "import sys, json\n"
         + code
-        + f"\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+        + f"\nprint(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))\n"
     )
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path}
@@ -63,9 +63,8 @@ def test_every_command_line_is_found():
     assert expected <= set(_entry_points())
 
 
-@pytest.mark.parametrize("module", _entry_points())
-def test_help_imports_nothing_heavy(module, tmp_path):
-    code = (
+def _help(module: str) -> str:
+    return (
         "import runpy, io, contextlib\n"
         f"sys.argv = [{module!r}, '--help']\n"
         "buf = io.StringIO()\n"
@@ -76,7 +75,26 @@ def test_help_imports_nothing_heavy(module, tmp_path):
         "    assert e.code in (0, None), e.code\n"
         "assert 'Usage' in buf.getvalue(), buf.getvalue()\n"
     )
-    assert _heavy_modules_after(code, tmp_path) == []
+
+
+@pytest.mark.parametrize("module", _entry_points())
+def test_help_imports_nothing_heavy(module, tmp_path):
+    assert _heavy_modules_after(_help(module), tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "convert", "bench"])
+def test_help_does_not_even_import_numpy(command, tmp_path):
+    """numpy (and what needs it: the model, the processor) is ~0.2 s of a --help that should
+    cost little more than click; these commands import it only when they run."""
+    heavy = (*HEAVY, "numpy", "mlx.nn", "PIL")
+    assert _heavy_modules_after(_help(f"mlx_qwen35.{command}"), tmp_path, heavy) == []
+
+
+def test_the_dtype_choices_are_the_loaders_and_the_converters():
+    from mlx_qwen35.cli.options import DTYPES
+    from mlx_qwen35.weights import convert_plan, loading
+
+    assert set(DTYPES) == set(convert_plan.DTYPES) == set(loading._DTYPES)
 
 
 def test_load_and_text_path_import_nothing_heavy(tmp_path):

@@ -18,15 +18,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from ..engine.sampling import check_sampling
-from ..engine.session import ChatSession, Reply, TurnResult
 from ..errors import UserError
-from ..inputs.processor import apply_media_options, check_media_options
 from . import options as cli
+
+if TYPE_CHECKING:  # the engine is imported when a chat starts, so --help answers at once
+    from ..engine.session import ChatSession, Reply, TurnResult
 
 DIM, RESET = "\033[2m", "\033[0m"
 PROMPT = ">> "
@@ -125,7 +125,7 @@ class ChatApp:
 
     def load(self, path: str) -> None:
         try:
-            session = ChatSession.load(
+            session = type(self.session).load(
                 path, self.session.model, self.session.processor, **self.overrides
             )
         except OSError as e:
@@ -300,6 +300,9 @@ def main(
     verbose: bool,
 ) -> None:
     """Chat with a Qwen3.5 model in the terminal (/help lists the commands)."""
+    from ..engine.sampling import check_sampling
+    from ..engine.session import ChatSession
+    from ..inputs.processor import apply_media_options, check_media_options
     from ..weights.loading import load
 
     given = {

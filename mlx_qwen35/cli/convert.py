@@ -10,9 +10,8 @@ from typing import Any
 import click
 
 from ..errors import UserError
-from ..weights.convert import convert
-from ..weights.convert_plan import DTYPES
 from ..weights.recipes import builtin_names
+from .options import DTYPES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,6 +74,8 @@ def main(
     report: bool,
 ) -> None:
     """Convert a Qwen3.5 checkpoint to MLX (optionally quantized) and optionally upload it."""
+    from ..weights.convert import convert  # here: --help answers without loading MLX models
+
     previous = _on_sigterm(_raise_terminated)
     try:
         convert(

@@ -7,8 +7,6 @@ import sys
 import click
 
 from ..errors import UserError
-from ..inputs.processor import check_media_options
-from ..inputs.prompt import _check_text_prompt
 from . import options as cli
 from .options import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported: the examples use it
 
@@ -65,6 +63,8 @@ def main(
     """Generate a reply from a Qwen3.5 model, streaming it to stdout."""
     from ..engine.generate import _print_stream, stream_generate
     from ..engine.sampling import check_sampling
+    from ..inputs.processor import check_media_options
+    from ..inputs.prompt import _check_text_prompt
     from ..weights.loading import load
 
     try:

@@ -17,6 +17,8 @@ import click
 from ..errors import UserError
 
 DEFAULT_MODEL = "mlx-community/Qwen3.5-4B-MLX-4bit"
+# The weight dtypes --dtype takes (the loader's and the converter's; a test keeps them equal).
+DTYPES = ("float32", "bfloat16", "float16")
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -52,7 +54,7 @@ think_option = click.option(
 )
 dtype_option = click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
+    type=click.Choice(DTYPES),
     default=None,
     help="Cast the weights (default: as stored).",
 )
