@@ -216,3 +216,24 @@ def test_broken_tokenizer_files(tmp_path, tiny, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(UserError, match=match):
         Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("generation_config.json", '{"eos_token_id": "x"}', "eos_token_id must be a token id"),
+        ("generation_config.json", '{"eos_token_id": [1, true]}', "eos_token_id must be"),
+        ("generation_config.json", "[1]", "expected a JSON object"),
+        ("chat_template.jinja", b"\xff\xfe{{ x }}", "cannot read the chat template"),
+    ],
+)
+def test_broken_generation_config_and_template(tmp_path, tiny, name, content, match):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / f, tmp_path / f)
+    if isinstance(content, bytes):
+        (tmp_path / name).write_bytes(content)
+    else:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(UserError, match=match) as info:
+        Processor.from_pretrained(tmp_path, load_config(tiny))
+    assert "\n" not in str(info.value)

@@ -287,9 +287,15 @@ def _generation_eos_ids(model_dir: Path) -> list[int]:
     if not path.is_file():
         return []
     try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); download the checkpoint again") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object; download the checkpoint again")
+    eos = data.get("eos_token_id")
     if eos is None:
         return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+        raise UserError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return ids

@@ -299,6 +299,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the chat template ({e})") from None
+
+
 def _token_text(value: Any) -> str | None:
     """A special token as tokenizer_config writes it: a string or {"content": ...}."""
     if isinstance(value, Mapping):
@@ -310,11 +317,11 @@ def _chat_template(model_dir: Path, config: Mapping[str, Any]) -> str | dict[str
     named: dict[str, str] = {}
     main = model_dir / "chat_template.jinja"
     if main.is_file():
-        named["default"] = main.read_text(encoding="utf-8")
+        named["default"] = _read_text(main)
     extra = model_dir / "additional_chat_templates"
     if extra.is_dir():
         for path in sorted(extra.glob("*.jinja")):
-            named[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+            named[path.name.removesuffix(".jinja")] = _read_text(path)
     if not named:
         template = config.get("chat_template")
         if template is None:
