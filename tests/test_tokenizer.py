@@ -237,3 +237,19 @@ def test_broken_generation_config_and_template(tmp_path, tiny, name, content, ma
     with pytest.raises(UserError, match=match) as info:
         Processor.from_pretrained(tmp_path, load_config(tiny))
     assert "\n" not in str(info.value)
+
+
+def test_mlx_lm_generation_takes_our_tokenizer(tiny):
+    """mlx-lm's utilities wrap a tokenizer that is not theirs in their TokenizerWrapper; ours
+    survives that, so mlx-lm can still drive our model and processor."""
+    import mlx_lm
+
+    import mlx_qwen35
+
+    model, processor = mlx_qwen35.load(str(tiny))
+    ids = processor.encode(processor.apply_chat_template([{"role": "user", "content": "Hi"}]))
+    ours = [r.token for r in mlx_qwen35.stream_generate(model, processor, ids, max_tokens=6)]
+    theirs = [
+        r.token for r in mlx_lm.stream_generate(model, processor.tokenizer, ids, max_tokens=6)
+    ]
+    assert ours and theirs[: len(ours)] == ours

@@ -109,6 +109,8 @@ class Tokenizer:
             name: token for name, token in (special_tokens or {}).items() if token is not None
         }
         self.chat_template = chat_template
+        # A plain attribute, as on mlx-lm's wrapper (which sets it on the tokenizer it wraps).
+        self.has_chat_template = bool(chat_template)
         self.eos_token_ids = set(eos_token_ids)
         if self.eos_token_id is not None:
             self.eos_token_ids.add(self.eos_token_id)
@@ -241,10 +243,6 @@ class Tokenizer:
         return self.tool_call_start is not None
 
     # -- chat template ----------------------------------------------------------------------
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(self.chat_template)
 
     @property
     def _tokenizer(self) -> Tokenizer:
