@@ -295,7 +295,7 @@ def test_report_measures_quality(sharded_mtp_source, tmp_path, capsys):
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
         n += len(seq)
     assert saved["positions"] == n > 100
-    assert saved["mean_kl"] == pytest.approx(kl / n, rel=0.02)
+    assert saved["mean_kl"] == pytest.approx(kl / n, rel=1e-3)
     assert saved["top1"] == agree / n
     # 4-bit weights move the distributions measurably, and some argmaxes, but not most.
     assert 1e-5 < saved["mean_kl"] < 0.1 and 0.3 < saved["top1"] < 1
