@@ -1,8 +1,8 @@
 """`python -m mlx_qwen35.chat`: an interactive multi-turn chat in the terminal.
 
 Each line you type is a message; the reply streams back, its thinking dimmed (or hidden with
---hide-thinking). The conversation's caches are kept between turns (see engine/session.py), so a turn
-only processes what is new. Commands:
+--hide-thinking). The conversation's states are kept between turns (see engine/session.py), so a
+turn only processes what is new. Commands:
 
     /image PATH   attach an image to your next message (repeatable)
     /video PATH   attach a video to your next message
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,6 +27,7 @@ from ..engine.sampling import check_sampling
 from ..engine.session import ChatSession, Reply, TurnResult
 from ..errors import UserError
 from ..inputs.processor import apply_media_options, check_media_options
+from ..inputs.tools import ToolCallWarning
 from . import options as cli
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -129,13 +131,16 @@ class ChatApp:
     def turn(self, text: str) -> TurnResult:
         reply = self.session.send(text, images=self.images or None, videos=self.videos or None)
         self.images, self.videos = [], []  # send() took them (it raises before if they are bad)
-        try:
-            self.show(reply)
-        except KeyboardInterrupt:
-            reply.close()
-            self.write("\n")
-            self.note("(stopped)")
-        result = reply.result
+        with warnings.catch_warnings():
+            # Malformed tool calls are reported below, once, as errors of this chat.
+            warnings.simplefilter("ignore", ToolCallWarning)
+            try:
+                self.show(reply)
+            except KeyboardInterrupt:
+                reply.close()
+                self.write("\n")
+                self.note("(stopped)")
+            result = reply.result
         for warning in result.warnings:
             self.error(f"tool call: {warning}")
         if self.verbose:
