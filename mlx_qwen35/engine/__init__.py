@@ -19,7 +19,7 @@ Where things live:
     from mlx_qwen35.engine.request import Request, SamplingParams
     engine = engine_for(model, processor)
     handle = engine.submit(Request(prompt=ids, max_tokens=64, sampling=SamplingParams(temp=0.7)))
-    for event in handle:        # TokenEvent(token, logprobs, top_logprobs, from_draft, finish_reason)
+    for event in handle:  # TokenEvent: token, logprobs, top_logprobs, from_draft, finish_reason
         ...
     handle.stats                # prompt_tokens, cached_tokens, prefilled_tokens, speeds, ...
     engine.start()              # a background loop (the server); without it, consumers drive
