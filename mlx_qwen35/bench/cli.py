@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import mlx.core as mx
@@ -31,8 +31,9 @@ import mlx.core as mx
 from ..errors import UserError
 from ..model.config import ModelConfig, TextConfig
 from ..model.gated_delta import BACKENDS, ENV_VAR
-from ..model.model import Model
-from ..weights import loading
+
+if TYPE_CHECKING:  # the model and loader are imported by the runs, so -h answers at once
+    from ..model.model import Model
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 FAST_BLAS = ("openblas", "mkl", "blis")
@@ -230,6 +231,8 @@ def random_hf_weights(text: TextConfig, dtype: mx.Dtype, seed: int = 0) -> dict[
 
 def build_ours(raw: dict[str, mx.array], config: ModelConfig, dtype: mx.Dtype | None) -> Model:
     """Our model from original-layout (or any readable) tensors, as `loading.load_model` does."""
+    from ..weights import loading
+
     return loading.model_from_weights(raw, replace(config, vision=None), dtype, "bench weights")
 
 
@@ -256,6 +259,8 @@ def _check_mlx_lm_layout(text: TextConfig, config: dict[str, Any]) -> None:
 def build_mlx_lm(raw: dict[str, mx.array], config: dict[str, Any], dtype: mx.Dtype | None):
     """mlx-lm's own qwen3_5 model on the same tensors, through mlx-lm's own sanitize."""
     from mlx_lm.models import qwen3_5
+
+    from ..weights import loading
 
     config = copy.deepcopy(config)
     config.pop("vision_config", None)
@@ -381,9 +386,9 @@ def _with_backend(backend: str | None, fn: Callable[[], RunResult]) -> RunResult
 
 
 def _print_row(run: str, label: str, r: RunResult, width: int) -> None:
-    click.echo(
-        f"{run:<7}{label:<{width}}{r.prompt_tps:>14.2f}{r.generation_tps:>12.2f}{r.peak_gb:>10.3f}",
-    )
+    # -g 1 times no token after the first: no generation rate (as its ratio says).
+    gen = f"{r.generation_tps:.2f}" if r.generation_tps > 0 else "n/a"
+    click.echo(f"{run:<7}{label:<{width}}{r.prompt_tps:>14.2f}{gen:>12}{r.peak_gb:>10.3f}")
 
 
 def _median(results: list[RunResult]) -> RunResult:
@@ -401,6 +406,8 @@ def load_source(
     if (model_path is None) == (size is None):
         raise UserError("pass exactly one of --model (a checkpoint) or --config (random weights)")
     if model_path is not None:
+        from ..weights import loading
+
         model_dir = loading.resolve_model_path(model_path)
         config = loading.load_config(model_dir).raw
         raw = loading.read_weights(model_dir)
@@ -415,7 +422,7 @@ def load_source(
     return config, raw, f"config {size} (random weights)"
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", help="Checkpoint: local dir, Hub repo id or tiny-random.")
 @click.option(
     "--config",
@@ -471,7 +478,7 @@ def main(
             seed,
         )
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"Error: {e}", err=True)
         sys.exit(1)
 
 
@@ -491,6 +498,8 @@ def _main(
     warning = slow_blas_warning()
     if warning:
         click.echo(warning, err=True)
+    from ..weights import loading
+
     dt = loading.parse_dtype(dtype)
     config, raw, what = load_source(model_path, size, layers, dt, seed)
     model_config = ModelConfig.from_dict(config)
