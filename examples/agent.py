@@ -13,11 +13,13 @@ import argparse
 import ast
 import operator
 import sys
+import warnings
 from typing import Any
 
 import mlx_qwen35
 from mlx_qwen35.cli.options import DEFAULT_MODEL
 from mlx_qwen35.engine.session import ChatSession
+from mlx_qwen35.inputs.tools import ToolCallWarning
 
 WEATHER = {"lisbon": (21, "sunny"), "oslo": (7, "rain"), "paris": (15, "cloudy")}
 TOOLS = [
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--thinking-budget", type=int, default=512)
     parser.add_argument("--verbose", action="store_true", help="print token counts per round")
     args = parser.parse_args()
+    # report() prints each malformed call from result.warnings; Python need not print it again.
+    warnings.simplefilter("ignore", ToolCallWarning)
 
     try:
         model, processor = mlx_qwen35.load(args.model)

@@ -5,8 +5,9 @@
     print(mlx_qwen35.generate(model, processor, "Hello", max_tokens=32))
 
 Where things live: model/ (the network and its kernels), inputs/ (processor, images, video, chat
-messages, tool calls), engine/ (sampling, generation, chat sessions), weights/ (loading,
-converter, recipes, upload), cli/ (the command lines), bench/. The modules `generate`, `chat` and
+messages, tool calls), engine/ (the batching scheduler, caches, prefix cache, sampling, and
+generate / batch_generate / ChatSession on it), weights/ (loading, converter, recipes, upload),
+cli/ (the command lines), bench/. The modules `generate`, `chat` and
 `convert` at this level are only the `python -m mlx_qwen35.<name>` entry points.
 """
 
@@ -25,6 +26,7 @@ _EXPORTS = {
     "Model": "model.model",
     "Processor": "inputs.processor",
     "UserError": "errors",
+    "batch_generate": "engine.generate",
     "convert": "weights.convert",
     "generate": "engine.generate",
     "load": "weights.loading",

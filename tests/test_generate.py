@@ -9,6 +9,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_qwen35.engine.generate import generate, stream_generate
+from mlx_qwen35.engine.request import Request
+from mlx_qwen35.engine.scheduler import Engine
 from mlx_qwen35.errors import UserError
 from mlx_qwen35.inputs.processor import Processor
 from mlx_qwen35.inputs.prompt import prompt_tokens
@@ -147,32 +149,28 @@ def test_prompt_beyond_the_context(tiny):
     assert len(responses) <= 3 and responses[-1].finish_reason in ("length", "stop")
 
 
-def test_generate_step_takes_prepared_embeddings_and_positions(tiny):
-    """The keyword arguments the media path uses: embeddings and 3-D positions for the prompt,
-    sliced per prefill step; decoding then continues from the position the cache records."""
-    from mlx_lm.sample_utils import make_sampler
-
-    from mlx_qwen35.engine.generate import generate_step
-
+def test_engine_takes_prepared_embeddings_and_positions(tiny):
+    """The request fields the media path uses: embeddings and 3-D positions for the prompt,
+    sliced per prefill chunk; decoding then continues from the position the cache records."""
     model, processor = tiny
-    ids = mx.array(prompt_tokens(processor, PROMPT), dtype=mx.uint32)
-    greedy = make_sampler(0.0)
+    ids = prompt_tokens(processor, PROMPT)
+    engine = Engine(model, processor)
 
     def run(**kwargs):
-        steps = generate_step(model, ids, max_tokens=6, sampler=greedy, **kwargs)
-        return [token for token, _ in steps]
+        return [e.token for e in engine.submit(Request(prompt=ids, max_tokens=6, **kwargs))]
 
     plain = run()
-    T = ids.size
-    embeddings = model.embed(ids[None])
-    positions = mx.broadcast_to(mx.arange(T)[None, None], (3, 1, T))
+    T = len(ids)
+    embeddings = model.embed(mx.array([ids]))[0]
+    positions = mx.broadcast_to(mx.arange(T)[None], (3, T))
     assert run(input_embeddings=embeddings, position_ids=positions, prefill_step_size=4) == plain
     # Shifted positions: rotary sees only relative positions, so the tokens do not change, and
     # decoding must continue from the shifted position (not the cache offset) for that to hold.
-    cache = model.make_cache()
-    assert run(position_ids=positions + 100, cache=cache) == plain
-    assert model.next_positions(cache).tolist() == [T + 100 + 5]
-    with pytest.raises(UserError, match=r"position_ids must be \[3, 1, "):
-        run(position_ids=positions[..., :-1])
-    with pytest.raises(UserError, match=r"input_embeddings must be \[1, "):
-        run(input_embeddings=embeddings[:, 1:])
+    assert run(position_ids=positions + 100, cache_final=True) == plain
+    # The cache holds the prompt and the tokens fed back (all but the last one).
+    (final,) = engine.prefix_cache.entries()
+    assert final.length == T + 5 and final.next_position == T + 5 + 100
+    with pytest.raises(UserError, match=r"position_ids must be \[3, "):
+        run(position_ids=positions[:, :-1])
+    with pytest.raises(UserError, match="cover only the last"):
+        run(input_embeddings=embeddings[1:])

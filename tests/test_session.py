@@ -257,11 +257,18 @@ def test_snapshot_memory_and_bound(tiny):
     chat = ChatSession(model, processor, max_tokens=3, max_snapshots=2, **GREEDY)
     for text in ["one", "two", "three", "four"]:
         chat.ask(text, enable_thinking=False)
-    one = snapshot_nbytes(model.args, mx.float32)  # tiny-random runs in float32
-    assert len(chat._snapshots) == 2 and chat.snapshot_bytes == 2 * one
+    # Two message-boundary snapshots and the state after the last reply, each holding the
+    # DeltaNet states (tiny-random runs in float32) and the KV of its prefix.
+    one = snapshot_nbytes(model.args, mx.float32)
+    args = model.args
+    attention = sum(kind == "full_attention" for kind in args.layer_types)
+    kv_per_token = attention * 2 * args.num_key_value_heads * args.head_dim * 4
+    entries = chat.engine.prefix_cache.entries(chat._owner)
+    assert len(chat._snapshots) == 2 and len(entries) == 3
+    assert chat.snapshot_bytes == sum(one + e.length * kv_per_token for e in entries)
     # The last user message's end is kept: the next turn rolls back to it.
     last_user = len(rendered_ids(processor, chat.history[:-1], generation=False))
-    assert chat._snapshots[-1].position == last_user
+    assert chat._snapshots[-1].length == last_user
     result = chat.ask("five", enable_thinking=False)
     assert result.reused_tokens == last_user
 
@@ -366,21 +373,26 @@ def test_save_load_round_trip(tiny, tmp_path):
     path = tmp_path / "trip.session"
     chat.save(path)
     assert os.listdir(tmp_path) == ["trip.session"]  # atomic: no temp file left behind
+    saved = [(e.length, e.kind) for e in chat.engine.prefix_cache.entries(chat._owner)]
+    assert ("final" in {k for _, k in saved}) and len(saved) >= 2
+    history = chat.history
+    a = chat.send("Next")
+    first_a = next(a)
+    # A new process: nothing in the prefix cache but what the file brings.
+    chat.engine.prefix_cache.clear()
     loaded = ChatSession.load(path, model, processor)
-    assert loaded.history == chat.history
-    assert loaded.cached_tokens == chat.cached_tokens
-    assert [s.position for s in loaded._snapshots] == [s.position for s in chat._snapshots]
-    a, b = chat.send("Next"), loaded.send("Next")
-    first_a, first_b = next(a), next(b)
+    assert loaded.history == history
+    assert [(e.length, e.kind) for e in loaded.engine.prefix_cache.entries(loaded._owner)] == saved
+    assert loaded.cached_tokens == max(n for n, _ in saved)
+    b = loaded.send("Next")
+    first_b = next(b)
     assert mx.array_equal(first_a.logprobs, first_b.logprobs).item()
     assert a.result.tokens == b.result.tokens
     assert a.result.reused_tokens == b.result.reused_tokens > 0
     # Rolling back past the image re-uses its processed form from the file.
-    loaded.max_snapshots = 0
-    loaded._snapshots = []
+    chat.engine.prefix_cache.clear()
+    loaded.max_snapshots = chat.max_snapshots = 0
     c = loaded.send("Again")
-    chat.max_snapshots = 0
-    chat._snapshots = []
     d = chat.send("Again")
     assert mx.array_equal(next(c).logprobs, next(d).logprobs).item()
     assert c.result.reused_tokens == 0
@@ -408,7 +420,7 @@ def test_corrupted_session_files_give_one_line_errors(tiny, tmp_path, hf_checkpo
 
     def wrong_shape(h):
         state = json.loads(h["__metadata__"]["session"])
-        state["cached"] = state["cached"][:-1]
+        state["entries"][-1]["tokens"] = state["entries"][-1]["tokens"][:-1]
         h["__metadata__"]["session"] = json.dumps(state)
 
     def other_format(h):

@@ -1,7 +1,7 @@
 """`python -m mlx_qwen35.chat`: an interactive multi-turn chat in the terminal.
 
 Each line you type is a message; the reply streams back, its thinking dimmed (or hidden with
---hide-thinking). The conversation's caches are kept between turns (see engine/session.py), so a
+--hide-thinking). The conversation's states are kept between turns (see engine/session.py), so a
 turn only processes what is new. Commands:
 
     /image PATH   attach an image to your next message (repeatable)
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -158,13 +159,18 @@ class ChatApp:
                 dropped = ", ".join(images + videos)
                 raise UserError(f"{e} (dropped the attachments: {dropped})") from None
             raise
-        try:
-            self.show(reply)
-        except KeyboardInterrupt:
-            reply.close()
-            self.write("\n")
-            self.note("(stopped)")
-        result = reply.result
+        with warnings.catch_warnings():
+            # Malformed tool calls are reported below, once, as errors of this chat.
+            from ..inputs.tools import ToolCallWarning
+
+            warnings.simplefilter("ignore", ToolCallWarning)
+            try:
+                self.show(reply)
+            except KeyboardInterrupt:
+                reply.close()
+                self.write("\n")
+                self.note("(stopped)")
+            result = reply.result
         for warning in result.warnings:
             self.error(f"tool call: {warning}")
         if self.verbose:

@@ -1,19 +1,16 @@
-"""The generation loop: `generate_step`, `stream_generate`, `generate`.
+"""`generate`, `stream_generate` and `batch_generate`: thin front doors over the engine.
 
     model, processor = mlx_qwen35.load("tiny-random")
     text = generate(model, processor, "Tell me a story", max_tokens=64)
     for response in stream_generate(model, processor, messages, temp=0.7, top_p=0.8):
         print(response.text, end="", flush=True)
     text = generate(model, processor, "What is in the picture?", images=["cat.png"])
+    out = batch_generate(model, processor, ["Hi", "Name a river"], max_tokens=32)  # out.texts
 
-The loop follows gpt-fast / mlx-lm: the prompt is prefilled in steps of `prefill_step_size`
-evaluating only the caches (the head never runs on prompt positions), the last step runs the head
-on the last position only, and each next token is queued (async eval) before the current one is
-handed out, so the Python side overlaps the device.
-
-With images or videos the vision tower runs once, before prefill (`Model.prepare_inputs`): the
-prefill steps take slices of the merged embeddings and of the precomputed 3-D positions, and
-decoding continues from the position the cache records.
+Each call turns its prompt into token ids (with images or videos: the merged embeddings and 3-D
+positions, the vision tower running once, in `inputs/prompt.py`), submits a `Request` to the
+model's shared engine (`engine_for`) and turns the TokenEvents back into text. Calls from several
+threads batch together in the engine; none of them needs a thread of its own.
 """
 
 from __future__ import annotations
@@ -29,13 +26,14 @@ import mlx.core as mx
 from ..errors import UserError
 from ..inputs.processor import apply_media_options
 from ..inputs.prompt import prepare_prompt
+from .request import LogitsProcessor, Request, SamplingParams
 from .sampling import check_sampling
+from .scheduler import engine_for
 
 # Prefill progress bar: for multi-step prompts at least this long, or any multi-step one if verbose.
 PROGRESS_MIN_TOKENS = 4096
 
-# A stream of its own for generation, one per thread, as mlx-lm does.
-GENERATION_STREAM = mx.new_thread_local_stream(mx.default_device())
+Prompt = str | Sequence[Mapping[str, Any]] | Sequence[int] | mx.array
 
 
 @dataclass
@@ -49,6 +47,7 @@ class GenerationResponse:
     generation_tokens / generation_tps: tokens generated so far and decoding speed (tokens/s).
     peak_memory: peak memory used so far, in GB.
     finish_reason: None while generating, then "stop" (an end-of-turn token) or "length".
+    from_draft: the token was accepted from a speculative draft.
     """
 
     text: str
@@ -60,124 +59,70 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float
     finish_reason: str | None = None
+    from_draft: bool = False
 
 
-def _last_logits(model: Any, tokens: mx.array, cache: list[Any], **kwargs: Any) -> mx.array:
-    """Logits [1, vocab] of the last position of `tokens` [1, T]: the head runs there only."""
-    hidden = model.hidden_states(tokens, cache, **kwargs)
-    return model.language_model.logits(hidden[:, -1:, :])[:, -1, :]
+def check_enable_thinking(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise UserError(f"enable_thinking must be True, False or None, got {value!r}")
+    return value
 
 
-def generate_step(
-    model: Any,
-    prompt: mx.array,
+def _sampling(
     *,
     max_tokens: int,
-    sampler: Any,
-    logits_processors: Sequence[Any] = (),
-    presence_processors: Sequence[Any] = (),
-    prefill_step_size: int = 2048,
-    cache: list[Any] | None = None,
-    on_prefill: Any = None,
-    input_embeddings: mx.array | None = None,
-    position_ids: mx.array | None = None,
-) -> Iterator[tuple[int, mx.array]]:
-    """Yield (token, logprobs) for up to `max_tokens` steps after the 1-D `prompt`.
-
-    `logits_processors` see the prompt and the generated tokens; `presence_processors` only the
-    generated ones (the OpenAI/vLLM presence penalty); `on_prefill(n)` is told about each prefill
-    step of n tokens. `input_embeddings` [1, T, H] and `position_ids` [3, 1, T] (from
-    `Model.prepare_inputs`, for prompts with images or videos) replace the prompt's embeddings and
-    positions; prefill steps take slices of them, decoding continues from the cache.
-    """
-    cache = model.make_cache() if cache is None else cache
-    input_embeddings, position_ids = _check_prepared(prompt, input_embeddings, position_ids)
-    if input_embeddings is not None:
-        mx.eval(input_embeddings)  # the vision tower runs once, not once per prefill step
-
-    def chunk(start: int, end: int | None) -> dict[str, mx.array]:
-        kwargs = {}
-        if input_embeddings is not None:
-            kwargs["input_embeddings"] = input_embeddings[:, start:end]
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids[..., start:end]
-        return kwargs
-
-    history = prompt if logits_processors else None
-    generated: mx.array | None = None
-
-    def sample(logits: mx.array) -> tuple[mx.array, mx.array]:
-        for processor in logits_processors:
-            logits = processor(history, logits)
-        if generated is not None:
-            for processor in presence_processors:
-                logits = processor(generated, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs[0]
-
-    def step(y: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal history, generated
-        if history is not None:
-            history = mx.concatenate([history, y])
-        if presence_processors:
-            generated = y if generated is None else mx.concatenate([generated, y])
-        return sample(model(y[None], cache=cache)[:, -1, :])
-
-    with mx.stream(GENERATION_STREAM):
-        # All chunks but the last only fill the caches; nothing asks for their hidden states.
-        last = (prompt.size - 1) // prefill_step_size * prefill_step_size
-        for start in range(0, last, prefill_step_size):
-            end = start + prefill_step_size
-            model.hidden_states(prompt[None, start:end], cache, **chunk(start, end))
-            mx.eval([c.state for c in cache])
-            if on_prefill is not None:
-                on_prefill(prefill_step_size)
-            mx.clear_cache()
-        y, logprobs = sample(_last_logits(model, prompt[None, last:], cache, **chunk(last, None)))
-        mx.async_eval(y, logprobs)
-        for n in range(max_tokens):
-            if n + 1 < max_tokens:
-                next_y, next_logprobs = step(y)
-                mx.async_eval(next_y, next_logprobs)
-            if n == 0 and on_prefill is not None:
-                mx.eval(y)
-                on_prefill(prompt.size - last)
-            yield y.item(), logprobs
-            if n + 1 < max_tokens:
-                y, logprobs = next_y, next_logprobs
-            if n % 256 == 255:
-                mx.clear_cache()
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float | None,
+    repetition_context_size: int,
+    presence_penalty: float | None,
+    frequency_penalty: float | None,
+    seed: int | None,
+    prefill_step_size: int,
+) -> SamplingParams:
+    check_sampling(
+        max_tokens=max_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed,
+        prefill_step_size=prefill_step_size,
+    )
+    params = SamplingParams(
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed,
+    )
+    params.check()
+    return params
 
 
-def _check_prepared(
-    prompt: mx.array, embeddings: mx.array | None, positions: mx.array | None
-) -> tuple[mx.array | None, mx.array | None]:
-    """Embeddings as [1, T, H] and positions as [3, 1, T] for the 1-D `prompt` of T tokens."""
-    T = prompt.size
-    if embeddings is not None:
-        if embeddings.ndim == 2:
-            embeddings = embeddings[None]
-        if embeddings.ndim != 3 or embeddings.shape[:2] != (1, T):
-            raise UserError(
-                f"input_embeddings must be [1, {T}, hidden] for a prompt of {T} tokens, got "
-                f"{list(embeddings.shape)}"
-            )
-    if positions is not None:
-        positions = mx.array(positions)
-        if positions.ndim == 2:
-            positions = positions[:, None]
-        if positions.shape != (3, 1, T):
-            raise UserError(
-                f"position_ids must be [3, 1, {T}] for a prompt of {T} tokens, got "
-                f"{list(positions.shape)}"
-            )
-    return embeddings, positions
+def _fit_context(processor: Any, ids: list[int], max_tokens: int) -> int:
+    context = processor.max_position_embeddings
+    if len(ids) >= context:
+        raise UserError(
+            f"the prompt has {len(ids)} tokens but the model's context is {context} tokens; "
+            "shorten the prompt"
+        )
+    return min(max_tokens, context - len(ids))
 
 
 def stream_generate(
     model: Any,
     processor: Any,
-    prompt: str | Sequence[Mapping[str, Any]] | Sequence[int] | mx.array,
+    prompt: Prompt,
     max_tokens: int = 256,
     *,
     images: Sequence[Any] | None = None,
@@ -195,7 +140,9 @@ def stream_generate(
     repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
     presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
     seed: int | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
     prefill_step_size: int = 2048,
     verbose: bool = False,
 ) -> Iterator[GenerationResponse]:
@@ -211,19 +158,26 @@ def stream_generate(
         template's thinking mode; None keeps the template's default. tools: tool schemas.
     temp/top_p/top_k/min_p: sampling (temp 0 = greedy). repetition_penalty: multiplicative, over
         the last `repetition_context_size` tokens. presence_penalty: subtracted once from every
-        token generated so far. seed: seeds MLX's random generator.
+        token generated so far; frequency_penalty: once per occurrence. seed: this request's own
+        random stream (the same seed gives the same tokens, whatever else runs).
+    logits_processors: mlx-lm style `(tokens, logits) -> logits`, tokens = prompt + generated.
     Stops at an end-of-turn token (<|im_end|>, generation_config's eos) or after `max_tokens`.
     """
-    check_sampling(
+    if prompt is None:
+        raise UserError("the prompt is empty; pass some text, messages or token ids")
+    check_enable_thinking(enable_thinking)
+    sampling = _sampling(
         max_tokens=max_tokens,
         temp=temp,
         top_p=top_p,
         top_k=top_k,
         min_p=min_p,
         repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
         presence_penalty=presence_penalty,
-        prefill_step_size=prefill_step_size,
+        frequency_penalty=frequency_penalty,
         seed=seed,
+        prefill_step_size=prefill_step_size,
     )
     processor = apply_media_options(
         processor, fps=fps, max_pixels=max_pixels, max_frames=max_frames
@@ -238,69 +192,55 @@ def stream_generate(
         enable_thinking=enable_thinking,
         tools=tools,
     )
-    context = processor.max_position_embeddings
-    if len(ids) >= context:
-        raise UserError(
-            f"the prompt has {len(ids)} tokens but the model's context is {context} tokens; "
-            "shorten the prompt"
-        )
-    max_tokens = min(max_tokens, context - len(ids))
-    from mlx_lm.generate import wired_limit
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-    if seed is not None:
-        mx.random.seed(seed)
-    sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    logits_processors = make_logits_processors(
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
-    )
-    # vLLM semantics: every generated token counts, the prompt does not.
-    presence_processors = make_logits_processors(
-        presence_penalty=presence_penalty, presence_context_size=max_tokens
-    )
+    max_tokens = _fit_context(processor, ids, max_tokens)
     progress = _progress_bar(len(ids), prefill_step_size, verbose)
-    tokens = generate_step(
-        model,
-        mx.array(ids, dtype=mx.uint32),
+    request = Request(
+        prompt=ids,
         max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=logits_processors,
-        presence_processors=presence_processors,
-        prefill_step_size=prefill_step_size,
-        on_prefill=progress.update if progress is not None else None,
+        sampling=sampling,
         input_embeddings=embeddings,
         position_ids=positions,
+        logits_processors=list(logits_processors),
+        stop_token_ids=processor.eos_token_ids,
+        prefill_step_size=prefill_step_size,
+        on_prefill=None
+        if progress is None
+        else lambda done, total: progress.update(done - progress.n),
     )
+    handle = engine_for(model, processor).submit(request)
+    return _responses(handle, processor, progress)
+
+
+def _responses(handle: Any, processor: Any, progress: Any) -> Iterator[GenerationResponse]:
     detokenizer = processor.tokenizer.detokenizer
-    eos = processor.eos_token_ids
-    with wired_limit(model, [GENERATION_STREAM]):
-        tic = time.perf_counter()
-        prompt_tps = 0.0
-        for n, (token, logprobs) in enumerate(tokens):
-            if n == 0:
-                prompt_tps = len(ids) / (time.perf_counter() - tic)
-                tic = time.perf_counter()
-                if progress is not None:
-                    progress.close()
-            finish = "stop" if token in eos else ("length" if n + 1 == max_tokens else None)
+    stats = handle.stats
+    try:
+        for event in handle:
+            if progress is not None:
+                progress.close()
+                progress = None
+            finish = event.finish_reason
             if finish != "stop":
-                detokenizer.add_token(token)
+                detokenizer.add_token(event.token)
             if finish is not None:
                 detokenizer.finalize()
-            elapsed = time.perf_counter() - tic
             yield GenerationResponse(
                 text=detokenizer.last_segment,
-                token=token,
-                logprobs=logprobs,
-                prompt_tokens=len(ids),
-                prompt_tps=prompt_tps,
-                generation_tokens=n + 1,
-                generation_tps=n / elapsed if n > 0 and elapsed > 0 else 0.0,
-                peak_memory=mx.get_peak_memory() / 1e9,
+                token=event.token,
+                logprobs=event.logprobs,
+                prompt_tokens=stats.prompt_tokens,
+                prompt_tps=stats.prompt_tps,
+                generation_tokens=stats.generation_tokens,
+                generation_tps=stats.generation_tps,
+                peak_memory=stats.peak_memory,
                 finish_reason=finish,
+                from_draft=event.from_draft,
             )
-            if finish is not None:
-                break
+    finally:
+        # A consumer that stops early (break, close) frees the row at the next step.
+        handle.cancel()
+        if progress is not None:
+            progress.close()
 
 
 def _progress_bar(prompt_len: int, step: int, verbose: bool) -> Any:
@@ -315,7 +255,7 @@ def _progress_bar(prompt_len: int, step: int, verbose: bool) -> Any:
 def generate(
     model: Any,
     processor: Any,
-    prompt: str | Sequence[Mapping[str, Any]] | Sequence[int] | mx.array,
+    prompt: Prompt,
     max_tokens: int = 256,
     *,
     verbose: bool = False,
@@ -330,6 +270,164 @@ def generate(
     if verbose:
         return _print_stream(responses, verbose=True)
     return "".join(response.text for response in responses)
+
+
+@dataclass
+class BatchStats:
+    """Totals of a `batch_generate` call (mlx-lm's fields)."""
+
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    prompt_time: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    generation_time: float = 0.0
+    peak_memory: float = 0.0
+
+
+@dataclass
+class BatchResponse:
+    """What `batch_generate` returns (mlx-lm's shape). texts: one reply per prompt; stats;
+    caches: always None (prompt caches live in the engine's prefix cache); token_ids / logprobs:
+    the generated ids and each one's log-probability, when asked for."""
+
+    texts: list[str]
+    stats: BatchStats
+    caches: list[Any] | None = None
+    token_ids: list[list[int]] | None = None
+    logprobs: list[list[float]] | None = None
+
+
+def batch_generate(
+    model: Any,
+    processor: Any,
+    prompts: Sequence[Prompt],
+    max_tokens: int | Sequence[int] = 128,
+    verbose: bool = False,
+    return_token_ids: bool = False,
+    return_logprobs: bool = False,
+    *,
+    system: str | None = None,
+    enable_thinking: bool | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 20,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    seed: int | None = None,
+    prefill_step_size: int = 2048,
+) -> BatchResponse:
+    """Replies to several prompts, decoded together (mlx-lm's `batch_generate`).
+
+    prompts: each a text, chat messages or token ids (as for `generate`). max_tokens: one for all
+    or one per prompt. A seed gives prompt i the seed + i. The stop token is not part of a text.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("batch_generate needs at least one prompt")
+    limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(limits) != len(prompts):
+        raise UserError(f"max_tokens has {len(limits)} values for {len(prompts)} prompts")
+    check_enable_thinking(enable_thinking)
+    settings = dict(
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        prefill_step_size=prefill_step_size,
+    )
+    requests = []
+    for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
+        own_seed = None if seed is None else (seed + i) % 2**64
+        sampling = _sampling(max_tokens=limit, seed=own_seed, **settings)
+        if prompt is None:
+            raise UserError(f"prompt {i} is empty")
+        ids, embeddings, positions = prepare_prompt(
+            model, processor, prompt, system=system, enable_thinking=enable_thinking, tools=tools
+        )
+        requests.append(
+            Request(
+                prompt=ids,
+                max_tokens=_fit_context(processor, ids, limit),
+                sampling=sampling,
+                input_embeddings=embeddings,
+                position_ids=positions,
+                stop_token_ids=processor.eos_token_ids,
+                prefill_step_size=prefill_step_size,
+            )
+        )
+    engine = engine_for(model, processor)
+    tic = time.perf_counter()
+    mx.reset_peak_memory()
+    handles = [engine.submit(r) for r in requests]
+    texts: list[str] = []
+    tokens: list[list[int]] = []
+    logprobs: list[list[float]] = []
+    try:
+        for n, handle in enumerate(handles):
+            ids, lps = [], []
+            # The streaming detokenizer, so that each text is what `generate` would return.
+            detokenizer = processor.tokenizer.detokenizer
+            text = ""
+            for event in handle:
+                if event.finish_reason != "stop":
+                    ids.append(event.token)
+                    detokenizer.add_token(event.token)
+                    if return_logprobs:
+                        lps.append(event.logprobs[event.token].item())
+                if event.finish_reason is not None:
+                    detokenizer.finalize()
+                text += detokenizer.last_segment
+            texts.append(text)
+            tokens.append(ids)
+            logprobs.append(lps)
+            if verbose:
+                print(f"[batch_generate] Finished processing {n + 1}/{len(handles)} ...", end="\r")
+    finally:
+        for handle in handles:
+            handle.cancel()
+    stats = _batch_stats(handles, time.perf_counter() - tic)
+    if verbose:
+        print(f"[batch_generate] Finished processing {len(handles)}/{len(handles)}")
+        print(
+            f"[batch_generate] Prompt: {stats.prompt_tokens} tokens, "
+            f"{stats.prompt_tps:.3f} tokens-per-sec"
+        )
+        print(
+            f"[batch_generate] Generation: {stats.generation_tokens} tokens, "
+            f"{stats.generation_tps:.3f} tokens-per-sec"
+        )
+        print(f"[batch_generate] Peak memory: {stats.peak_memory:.3f} GB")
+    return BatchResponse(
+        texts=texts,
+        stats=stats,
+        token_ids=tokens if return_token_ids else None,
+        logprobs=logprobs if return_logprobs else None,
+    )
+
+
+def _batch_stats(handles: list[Any], elapsed: float) -> BatchStats:
+    stats = BatchStats()
+    stats.prompt_tokens = sum(h.stats.prefilled_tokens for h in handles)
+    stats.generation_tokens = sum(h.stats.generation_tokens for h in handles)
+    # Prompt time: until the last first token; generation time: the rest.
+    firsts = [h.stats.prompt_tokens / h.stats.prompt_tps for h in handles if h.stats.prompt_tps]
+    stats.prompt_time = min(max(firsts, default=0.0), elapsed)
+    stats.generation_time = max(elapsed - stats.prompt_time, 0.0)
+    if stats.prompt_time > 0:
+        stats.prompt_tps = stats.prompt_tokens / stats.prompt_time
+    if stats.generation_time > 0:
+        stats.generation_tps = stats.generation_tokens / stats.generation_time
+    stats.peak_memory = mx.get_peak_memory() / 1e9
+    return stats
 
 
 def _print_stream(responses: Iterator[GenerationResponse], *, verbose: bool) -> str:

@@ -9,13 +9,38 @@ package `__init__`, which imports transformers (and torch when installed), ~2 s 
 can do anything. They keep mlx-lm's method names (`update_and_fetch`, `offset`, `state`,
 `is_trimmable`, `trim`, `size`, `empty`, `nbytes`), so mlx-lm's generation utilities still drive
 the model.
+
+Batches of rows (the engine's continuous batching) use the same classes: `merge` stacks the rows
+of several caches on the batch axis, `filter` keeps some rows, `extract` copies one row out. KV
+rows of different lengths are left-padded to the longest: every row then writes the same cache
+index at each decode step (a plain slice update, in place), padded keys are masked by `key_mask`,
+and `rope_delta` shifts each row's positions back by its padding. The Gated DeltaNet states have
+no time axis, so their rows are simply stacked: padding never reaches a recurrent state.
+
+MLX semantics these methods respect: a slice write into a buffer that another array still views
+copies the whole buffer, and a view keeps its whole buffer alive. So whatever leaves a cache
+(`extract`, `prefix`) is a copy (`owned_copy`), and a merged or filtered cache owns fresh
+buffers, which the next decode step then updates in place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
+
+
+def owned_copy(x: mx.array) -> mx.array:
+    """A row-contiguous copy of `x` that shares no buffer with it. (`mx.array(x)` copies but keeps
+    a transposed view's strides, and `mx.contiguous` alone may return a view; a state must have
+    the layout a loaded one has, or later results differ in the last bits.)"""
+    return mx.contiguous(mx.array(x))
+
+
+def _capacity(length: int, step: int) -> int:
+    """Room for `length` positions and at least one more, in whole steps."""
+    return (length // step + 1) * step
 
 
 class KVCache:
@@ -85,6 +110,112 @@ class KVCache:
             return 0
         return self.keys.nbytes + self.values.nbytes
 
+    # ---------------------------------------------------------------- rows of a batch
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0]
+
+    def row_padding(self) -> list[int]:
+        """Left padding of each row: the positions before its first real token."""
+        if self.key_mask is None:
+            return [0] * self.batch_size
+        real = mx.sum(self.key_mask.astype(mx.int32), axis=1)
+        return [self.offset - n for n in real.tolist()]
+
+    def prefix(self, length: int) -> tuple[mx.array, mx.array]:
+        """Copies of the first `length` positions of a one-row, unpadded cache: (keys, values)
+        [1, n_kv_heads, length, head_dim]."""
+        if self.batch_size != 1 or self.key_mask is not None or not 0 < length <= self.offset:
+            raise ValueError(f"prefix({length}) needs an unpadded one-row cache of >= {length}")
+        return owned_copy(self.keys[..., :length, :]), owned_copy(self.values[..., :length, :])
+
+    @classmethod
+    def from_prefix(cls, keys: mx.array, values: mx.array, rope_delta: mx.array | None) -> KVCache:
+        """A one-row cache holding `keys`/`values` [1, n_kv, n, d] (copied into a buffer with room
+        to grow, so that the arrays given stay untouched)."""
+        cache = cls()
+        n = keys.shape[2]
+        cache.keys = _fresh(keys, _capacity(n, cls.step))
+        cache.values = _fresh(values, _capacity(n, cls.step))
+        cache.offset = n
+        cache.rope_delta = rope_delta
+        return cache
+
+    @classmethod
+    def merge(cls, caches: Sequence[KVCache]) -> KVCache:
+        """The rows of `caches` stacked in order, each left-padded to the longest."""
+        length = max(c.offset for c in caches)
+        merged = cls()
+        cap = _capacity(length, cls.step)
+        parts_k, parts_v, masks, deltas = [], [], [], []
+        padded = False
+        for c in caches:
+            b, shift = c.batch_size, length - c.offset
+            padded = padded or shift > 0 or c.key_mask is not None
+            parts_k.append((c.keys[..., : c.offset, :], shift))
+            parts_v.append((c.values[..., : c.offset, :], shift))
+            own = c.key_mask if c.key_mask is not None else mx.ones((b, c.offset), mx.bool_)
+            masks.append(mx.concatenate([mx.zeros((b, shift), mx.bool_), own], axis=1))
+            delta = c.rope_delta if c.rope_delta is not None else mx.zeros((b,), mx.int32)
+            deltas.append(delta.astype(mx.int32) - shift)
+        merged.keys = _stack_right_aligned(parts_k, length, cap)
+        merged.values = _stack_right_aligned(parts_v, length, cap)
+        merged.offset = length
+        merged.key_mask = mx.concatenate(masks, axis=0) if padded else None
+        if padded or any(c.rope_delta is not None for c in caches):
+            merged.rope_delta = mx.concatenate(deltas)
+        return merged
+
+    def filter(self, keep: Sequence[int]) -> None:
+        """Keep only the rows `keep` (in that order), dropping the padding they all share."""
+        pads = self.row_padding()
+        drop = min(pads[i] for i in keep)
+        idx = mx.array(list(keep))
+        length = self.offset - drop
+        cap = _capacity(length, self.step)
+        self.keys = _fresh(self.keys[idx][..., drop : self.offset, :], cap)
+        self.values = _fresh(self.values[idx][..., drop : self.offset, :], cap)
+        self.offset = length
+        if self.key_mask is not None:
+            mask = self.key_mask[idx][:, drop:]
+            self.key_mask = None if all(pads[i] == drop for i in keep) else mask
+        if self.rope_delta is not None:
+            self.rope_delta = self.rope_delta[idx] + drop
+
+    def extract(self, row: int) -> KVCache:
+        """Row `row` alone, without its padding, as a new cache of copies."""
+        pad = self.row_padding()[row]
+        out = KVCache()
+        out.keys = owned_copy(self.keys[row : row + 1, :, pad : self.offset])
+        out.values = owned_copy(self.values[row : row + 1, :, pad : self.offset])
+        out.offset = self.offset - pad
+        if self.rope_delta is not None:
+            out.rope_delta = self.rope_delta[row : row + 1] + pad
+        return out
+
+
+def _fresh(x: mx.array, capacity: int) -> mx.array:
+    """A new buffer of `capacity` positions (axis 2) holding `x` at its start."""
+    shape = list(x.shape)
+    shape[2] = capacity
+    out = mx.zeros(shape, x.dtype)
+    out[:, :, : x.shape[2]] = x
+    return out
+
+
+def _stack_right_aligned(parts: list[tuple[mx.array, int]], length: int, cap: int) -> mx.array:
+    """Rows of `parts` ((rows [b, h, n, d], left shift)) stacked into one [B, h, cap, d] buffer,
+    each row ending at position `length`."""
+    first = parts[0][0]
+    B = sum(x.shape[0] for x, _ in parts)
+    out = mx.zeros((B, first.shape[1], cap, first.shape[3]), first.dtype)
+    r = 0
+    for x, shift in parts:
+        out[r : r + x.shape[0], :, shift:length] = x
+        r += x.shape[0]
+    return out
+
 
 class GatedDeltaCache:
     """cache[0]: conv state [B, K-1, C] (activation dtype); cache[1]: state [B, Hv, Dv, Dk] fp32."""
@@ -126,6 +257,29 @@ class GatedDeltaCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.cache if c is not None)
+
+    # ---------------------------------------------------------------- rows of a batch
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.cache[1] is None else self.cache[1].shape[0]
+
+    @classmethod
+    def merge(cls, caches: Sequence[GatedDeltaCache]) -> GatedDeltaCache:
+        """The rows of `caches` stacked in order."""
+        merged = cls()
+        merged.cache = [mx.concatenate([c.cache[i] for c in caches]) for i in range(2)]
+        return merged
+
+    def filter(self, keep: Sequence[int]) -> None:
+        idx = mx.array(list(keep))
+        self.cache = [c[idx] for c in self.cache]
+
+    def extract(self, row: int) -> GatedDeltaCache:
+        """Row `row` alone, as copies (a view would keep the whole batch's states alive)."""
+        out = GatedDeltaCache()
+        out.cache = [owned_copy(c[row : row + 1]) for c in self.cache]
+        return out
 
 
 def make_cache(layer_types: list[str]) -> list[Any]:

@@ -204,6 +204,8 @@ class GatedAttention(nn.Module):
         values = values.transpose(0, 2, 1, 3)
 
         offset = cache.offset if cache is not None else 0
+        if position_ids is None and getattr(cache, "rope_delta", None) is not None:
+            offset = offset + cache.rope_delta  # [B]: each row's positions (media, padding)
         queries = self.rope(queries, offset, position_ids)
         keys = self.rope(keys, offset, position_ids)
         if cache is not None:

@@ -145,6 +145,11 @@ class Qwen3_5TextModel(nn.Module):
             for c in cache:
                 if isinstance(c, KVCache):
                     c.rope_delta = rope_delta
+        if attn_cache is not None:
+            # Every attention layer's cache knows the padding, so batches can split and merge.
+            for c in cache:
+                if isinstance(c, KVCache):
+                    c.key_mask = attn_cache.key_mask
         for layer, c in zip(self.layers, cache, strict=False):
             h = layer(h, mask, c, position_ids, pad_mask)
         return self.norm(h)
@@ -162,11 +167,12 @@ def _masks_and_positions(
     the cache offset.
 
     A token at cache index n has position n + rope_delta (rope_delta from the cache, 0 if unset).
-    Without padding the attention mask is plain causal and, while no rope_delta is set, positions
-    follow the cache offset, which lets rotary take its fast path. With left padding
-    (attention_mask: 1 = real token) padded keys are masked out, padded DeltaNet inputs are zeroed,
-    and real tokens count positions on from the row's next position; the cache remembers the key
-    mask so that later calls continue the same way.
+    Without padding the attention mask is plain causal and positions follow the cache: the
+    attention layers give rotary the offset (plus each row's rope_delta, when set), its fast
+    path. With left padding (attention_mask: 1 = real token) padded keys are masked out, padded
+    DeltaNet inputs are zeroed, and real tokens count positions on from the row's next position;
+    the cache remembers the key mask so that later calls (and batches that split or merge rows)
+    continue the same way.
     """
     offset = cache.offset if cache is not None else 0
     key_mask = cache.key_mask if isinstance(cache, KVCache) else None
@@ -188,14 +194,11 @@ def _masks_and_positions(
             cache.key_mask = key_mask
     else:
         mask = "causal" if T > 1 else None
-    if position_ids is None and (pad_mask is not None or rope_delta is not None):
+    if position_ids is None and pad_mask is not None:
         start = offset + (rope_delta if rope_delta is not None else mx.zeros((B,), mx.int32))
-        if pad_mask is not None:
-            # Real tokens count on from the row's next position; padded slots (masked) repeat it.
-            steps = mx.maximum(mx.cumsum(pad_mask.astype(mx.int32), axis=1) - 1, 0)
-            explicit = True
-        else:
-            steps = mx.broadcast_to(mx.arange(T)[None], (B, T))
+        # Real tokens count on from the row's next position; padded slots (masked) repeat it.
+        steps = mx.maximum(mx.cumsum(pad_mask.astype(mx.int32), axis=1) - 1, 0)
+        explicit = True
         pos = start[:, None] + steps
         position_ids = mx.broadcast_to(pos[None], (3, B, T))
     return mask, pad_mask, position_ids, explicit
@@ -255,6 +258,7 @@ class Model(nn.Module):
         pixel_values_videos: Any = None,
         video_grid_thw: Any = None,
         attention_mask: Any = None,
+        start: Any = None,
     ) -> tuple[mx.array, mx.array | None]:
         """(input_embeddings [B, T, H], position_ids [3, B, T] or None) for a prompt chunk.
 
@@ -263,7 +267,8 @@ class Model(nn.Module):
         continue the walk from where `cache` stands (0 for a fresh one), so a later turn with new
         images follows the earlier ones; they are None for plain text (the fast path). Pass the
         result to `__call__` / `hidden_states` as `input_embeddings` and `position_ids`, whole or
-        sliced along T for chunked prefill.
+        sliced along T for chunked prefill. `start` ([B] ints) gives the rows' next positions
+        instead of `cache` (the engine resumes from a prefix-cache entry, not a cache object).
         """
         ids = _as_int_array(input_ids, "input_ids")
         if ids.ndim == 1:
@@ -310,7 +315,9 @@ class Model(nn.Module):
             video_token_id=self.config.video_token_id,
             spatial_merge_size=vision.spatial_merge_size,
             attention_mask=None if attention_mask is None else np.array(attention_mask),
-            start=self.next_positions(cache, ids.shape[0]),
+            start=self.next_positions(cache, ids.shape[0])
+            if start is None
+            else np.asarray(start, dtype=np.int64).reshape(-1),
         )
         return h, mx.array(positions.astype(np.int32))
 

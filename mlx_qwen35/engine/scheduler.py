@@ -1,0 +1,368 @@
+"""The engine: one scheduler owns a model and runs every request in one loop of steps.
+
+    engine = engine_for(model, processor)          # the model's shared engine
+    handle = engine.submit(Request(prompt=ids, max_tokens=32))
+    for event in handle: ...                       # TokenEvents (request.py)
+
+Each `step()`:
+1. drops cancelled requests (and requests whose handle was dropped), freeing their caches;
+2. decodes every running row in one batched forward (B = running rows): the tokens sampled last
+   step are fed, the next ones are sampled and queued (`mx.async_eval`) before the last ones are
+   read and handed out, so the device works while Python streams (gpt-fast's pipelining);
+   rows that stop (a stop id, max_tokens) leave the batch;
+3. advances the prefill of one waiting request by one chunk (`prefill_step_size` tokens, ending
+   early at message boundaries for the prefix cache); when its prompt is done it samples its
+   first token and joins the batch. Nobody else is prefilled again.
+
+Who drives: with `start()` a background thread runs steps whenever there is work (the server).
+Without it, iterating a handle runs steps until that handle has an event: the synchronous API
+(generate, ChatSession) needs no thread, and requests submitted from several threads batch
+together, one of the waiting threads driving at a time. MLX streams belong to the thread that
+made them, so the engine computes on a stream of its own made for any thread
+(`mx.new_thread_unsafe_stream`), and only ever from inside `step`, which one thread runs at a time
+(`_step_lock`). What leaves the engine is evaluated data (token ids, logits rows).
+
+Prefill goes through `model.hidden_states` (the head runs on the last prompt position only),
+decode through `model(...)`; tests count prefilled tokens that way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import mlx.core as mx
+
+from ..errors import UserError
+from .batch_cache import extract_row, filter_rows, merge_rows
+from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
+from .request import Request, RequestHandle, TokenEvent
+from .rows import Row, check_request
+from .sampling import check_prefill_step_size, sample_batch
+
+DEFAULT_MAX_BATCH_SIZE = 8
+# Free MLX's buffer cache every this many decode steps (as mlx-lm does), and when idle.
+CLEAR_CACHE_EVERY = 256
+
+
+class Engine:
+    """Continuous batching of one model's requests (see the module docstring).
+
+    max_batch_size: most rows decoded together; more requests wait. prefill_step_size: prompt
+    tokens per prefill chunk (one chunk per step). prefix_cache_bytes: bound of the prefix cache.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any = None,
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        prefill_step_size: int = 2048,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    ):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise UserError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        check_prefill_step_size(prefill_step_size)
+        self.model = model
+        self.processor = processor
+        self.max_batch_size = max_batch_size
+        self.prefill_step_size = prefill_step_size
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        eos = getattr(processor, "eos_token_ids", None) or ()
+        self._stop_ids = frozenset(int(t) for t in eos)
+        config = getattr(model, "config", None)
+        self._media_ids = tuple(
+            t
+            for t in (
+                getattr(config, "image_token_id", None),
+                getattr(config, "video_token_id", None),
+            )
+            if t is not None
+        )
+        self._stream = mx.new_thread_unsafe_stream(mx.default_device())
+        self._cv = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._uids = itertools.count()
+        self._waiting: deque[Row] = deque()
+        self._prefilling: Row | None = None
+        self._running: list[Row] = []
+        self._cache: list[Any] | None = None  # the batch's caches, one row per running request
+        self._pending: tuple[mx.array, mx.array, Any] | None = None  # tokens not yet handed out
+        self._steps = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ public
+
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request; iterate the returned handle for its tokens."""
+        check_request(request, self.model)
+        handle = RequestHandle(self, request, next(self._uids))
+        row = Row(handle, self.model, self._stop_ids, self._media_ids)
+        with self._cv:
+            self._waiting.append(row)
+            self._cv.notify_all()
+        return handle
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + (self._prefilling is not None)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling is not None or self._running)
+
+    def step(self) -> None:
+        """One scheduler step (see the module docstring). Thread-safe; blocks while another
+        thread steps."""
+        with self._step_lock:
+            self._step()
+        with self._cv:
+            self._cv.notify_all()
+
+    def start(self) -> None:
+        """Run steps on a background thread whenever there is work (until `stop()`)."""
+        with self._cv:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(
+                target=self._loop, name="mlx-qwen35-engine", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        """End the background loop (requests left are then driven by their consumers)."""
+        with self._cv:
+            thread, self._stopping = self._thread, True
+            self._cv.notify_all()
+        if thread is not None:
+            thread.join()
+        with self._cv:
+            self._thread = None
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ driving
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self.has_work():
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def _wait_for(self, handle: RequestHandle) -> None:
+        """Return when `handle` has an event or has finished, stepping the engine meanwhile
+        unless the background loop does."""
+        while True:
+            with self._cv:
+                if handle._events or handle._finished:
+                    return
+                if self._thread is not None or not self._step_lock.acquire(blocking=False):
+                    self._cv.wait()
+                    continue
+            try:
+                self._step()
+            finally:
+                with self._cv:
+                    self._step_lock.release()
+                    self._cv.notify_all()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ one step
+
+    def _step(self) -> None:
+        with mx.stream(self._stream):
+            self._drop_cancelled()
+            if self._running:
+                self._decode()
+            if self._prefilling is None and len(self._running) < self.max_batch_size:
+                with self._cv:
+                    self._prefilling = self._waiting.popleft() if self._waiting else None
+            if self._prefilling is not None:
+                self._prefill(self._prefilling)
+            if not self.has_work():
+                self._cache = self._pending = None
+                mx.clear_cache()
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            for row in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(row)
+                self._finish(row, "cancelled")
+        if self._prefilling is not None and self._prefilling.cancelled:
+            row, self._prefilling = self._prefilling, None
+            row.cache = None
+            self._finish(row, "cancelled")
+        gone = [i for i, r in enumerate(self._running) if r.cancelled]
+        if gone:
+            for i in gone:
+                self._finish(self._running[i], "cancelled")
+            self._remove(gone)
+
+    def _prefill(self, row: Row) -> None:
+        try:
+            if row.cache is None:
+                row.admit(self.model, self.prefix_cache)
+            if not row.prefill_chunk(self.model, self.prefill_step_size, self.prefix_cache):
+                return
+            pending = row.first_token()
+            if row.sampler.error is not None:
+                raise row.sampler.error
+        except Exception as e:  # the request fails, the engine goes on
+            self._prefilling = None
+            row.cache = None
+            self._finish(row, "error", e)
+            return
+        mx.async_eval(pending[0], pending[1], _arrays(pending[2]))
+        self._cache = merge_rows(self._cache, row.cache)
+        row.cache = None
+        self._pending = pending if self._pending is None else _cat_pending(self._pending, pending)
+        self._running.append(row)
+        self._prefilling = None
+
+    def _decode(self) -> None:
+        rows = self._running
+        tokens, logits, top = self._pending
+        following = None
+        try:
+            if any(len(r.generated) + 1 < r.max_tokens for r in rows):
+                out = self.model(tokens[:, None], cache=self._cache)[:, -1, :]
+                following = sample_batch(out, [r.sampler for r in rows], tokens)
+                mx.async_eval(
+                    following[0], following[1], _arrays(following[2]), _cache_arrays(self._cache)
+                )
+                for r in rows:
+                    r.fed += 1
+            ids = tokens.tolist()
+            top_lists = (top[0].tolist(), top[1].tolist()) if top is not None else None
+        except Exception as e:  # a failed forward fails every row of the batch
+            for r in rows:
+                self._finish(r, "error", e)
+            self._running, self._cache, self._pending = [], None, None
+            return
+        now = time.perf_counter()
+        finished: list[int] = []
+        with self._cv:
+            for i, r in enumerate(rows):
+                reason = self._emit(r, i, ids[i], logits, top_lists, now)
+                if reason is not None or r.sampler.error is not None:
+                    finished.append(i)
+        self._steps += 1
+        if self._steps % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
+        self._pending = following
+        if finished:
+            for i in finished:
+                r = rows[i]
+                if r.sampler.error is not None and r.handle is not None and not r.handle.finished:
+                    self._finish(r, "error", r.sampler.error)
+                elif r.request.cache_final:
+                    r.keep_final(extract_row(self._cache, i), self.prefix_cache)
+            self._remove(finished)
+
+    def _emit(
+        self, r: Row, i: int, token: int, logits: mx.array, top: Any, now: float
+    ) -> str | None:
+        r.generated.append(token)
+        n = len(r.generated)
+        stats = r.stats
+        if n == 1:
+            r.first_token_time = now
+            stats.prompt_tps = stats.prefilled_tokens / max(now - r.prefill_start, 1e-9)
+        elif now > r.first_token_time:
+            stats.generation_tps = (n - 1) / (now - r.first_token_time)
+        stats.generation_tokens = n
+        stats.peak_memory = mx.get_peak_memory() / 1e9
+        reason = "stop" if token in r.stop else ("length" if n >= r.max_tokens else None)
+        top_logprobs = None
+        k = r.sampler.params.top_logprobs
+        if k and top is not None:
+            top_logprobs = list(zip(top[0][i][:k], top[1][i][:k], strict=True))
+        handle = r.handle
+        if handle is not None:
+            handle._push(TokenEvent(token, None, top_logprobs, False, reason, logits=(logits, i)))
+            if reason is not None:
+                handle._finish(reason)
+        return reason
+
+    def _remove(self, idx: list[int]) -> None:
+        keep = [i for i in range(len(self._running)) if i not in set(idx)]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache, self._pending = None, None
+            return
+        filter_rows(self._cache, keep)
+        if self._pending is not None:
+            sel = mx.array(keep)
+            tokens, logits, top = self._pending
+            top = None if top is None else (top[0][sel], top[1][sel])
+            self._pending = (tokens[sel], logits[sel], top)
+
+    def _finish(self, row: Row, reason: str, error: BaseException | None = None) -> None:
+        handle = row.handle
+        if handle is not None and not handle.finished:
+            with self._cv:
+                handle._finish(reason, error)
+                self._cv.notify_all()
+
+
+def _arrays(top: Any) -> list[mx.array]:
+    return [] if top is None else list(top)
+
+
+def _cache_arrays(cache: list[Any]) -> list[mx.array]:
+    out = []
+    for c in cache:
+        state = c.state
+        out.extend(x for x in state if isinstance(x, mx.array))
+    return out
+
+
+def _cat_pending(a: tuple, b: tuple) -> tuple:
+    tokens = mx.concatenate([a[0], b[0]])
+    logits = mx.concatenate([a[1], b[1]])
+    if a[2] is None and b[2] is None:
+        return tokens, logits, None
+    n = (a[0].size, b[0].size)
+    k = max(t[0].shape[1] for t in (a[2], b[2]) if t is not None)
+    ids, vals = [], []
+    for top, rows in zip((a[2], b[2]), n, strict=True):
+        if top is None:
+            ids.append(mx.zeros((rows, k), mx.uint32))
+            vals.append(mx.full((rows, k), -float("inf")))
+        else:
+            pad = k - top[0].shape[1]
+            ids.append(mx.pad(top[0].astype(mx.uint32), [(0, 0), (0, pad)]))
+            vals.append(mx.pad(top[1], [(0, 0), (0, pad)], constant_values=-float("inf")))
+    return tokens, logits, (mx.concatenate(ids), mx.concatenate(vals))
+
+
+_engines_lock = threading.Lock()
+_ATTR = "_mlx_qwen35_engine"
+
+
+def engine_for(model: Any, processor: Any = None) -> Engine:
+    """The engine of `model`, made on first use and shared by generate, stream_generate,
+    batch_generate, ChatSession and the server (so they share its batch and prefix cache)."""
+    with _engines_lock:
+        engine = vars(model).get(_ATTR)
+        if engine is None:
+            engine = Engine(model, processor)
+            object.__setattr__(model, _ATTR, engine)
+        elif engine.processor is None and processor is not None:
+            engine.processor = processor
+            engine._stop_ids = frozenset(int(t) for t in processor.eos_token_ids)
+        return engine
