@@ -62,7 +62,8 @@ def test_failed_session_save_keeps_the_previous_file(tiny, tmp_path):
     before = path.read_bytes()
     chat.ask("And a second, longer question about the weather?")  # the next save is larger
 
-    with file_size_limit(len(before) // 2), pytest.raises((OSError, RuntimeError)):
+    # The full disk is reported in one line (a UserError naming the path), not a traceback.
+    with file_size_limit(len(before) // 2), pytest.raises(mlx_qwen35.UserError, match="too large"):
         chat.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["chat.session"]  # no temp file left
@@ -79,7 +80,7 @@ def test_failed_first_session_save_leaves_nothing(tiny, tmp_path):
     model, processor = tiny
     chat = mlx_qwen35.ChatSession(model, processor, max_tokens=4, **GREEDY)
     chat.ask("Hello there.")
-    with file_size_limit(4096), pytest.raises((OSError, RuntimeError)):
+    with file_size_limit(4096), pytest.raises(mlx_qwen35.UserError, match="too large"):
         chat.save(tmp_path / "new.session")
     assert list(tmp_path.iterdir()) == []
 
