@@ -425,7 +425,8 @@ def test_large_images_are_capped_before_the_tower(tiny, media_files):
             "more image parts than images given",
         ),
         ([5, 6, 7], {"images": ["IMG"]}, "token ids cannot place them"),
-        ("Look <|image_pad|>", {}, "holds image placeholder tokens but no images were given"),
+        # Token ids are taken as they are; typed text never becomes a placeholder (test_render).
+        ("IMAGE_IDS", {}, "holds image placeholder tokens but no images were given"),
         ("Look", {"images": ["NOFILE"]}, "no such file"),
         ("Look", {"images": ["BAD"]}, "not an image"),
         ("Look", {"videos": ["IMG"], "fps": 0}, "fps must be a number > 0"),
@@ -440,5 +441,7 @@ def test_generate_media_errors(tiny, media_files, tmp_path, prompt, kwargs, matc
     for key in ("images", "videos"):
         if key in kwargs:
             kwargs[key] = [paths[v] for v in kwargs[key]]
+    if prompt == "IMAGE_IDS":
+        prompt = [5, processor.config.image_token_id]
     with pytest.raises(UserError, match=match):
         generate(model, processor, prompt, max_tokens=2, **kwargs)
