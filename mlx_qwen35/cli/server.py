@@ -34,7 +34,9 @@ def server_options(f: Any) -> Any:
             multiple=True,
             help="Model name clients send (repeatable; default: the --model argument).",
         ),
-        cli.max_tokens_option(4096, "Default and largest reply length, in tokens."),
+        cli.max_tokens_option(
+            4096, "Reply length when a request gives none (requests are capped by the context)."
+        ),
         cli.sampling_options(model_card=True),
         click.option(
             "--frequency-penalty",

@@ -166,7 +166,7 @@ def prepare(state: Any, call: Call) -> Prepared:
         prompt_tokens=len(ids),
         thinking=thinking,
         tools=tools,
-        parse_calls=call.tool_choice != "none",
+        parse_calls=bool(tools) and call.tool_choice != "none",
         stop=[s for s in call.stop if s],
         top_logprobs=call.top_logprobs,
         raw=call.messages is None,
