@@ -170,3 +170,51 @@ def test_agents_tool_loop(server):
     result = agents.Runner.run_sync(agent, "Weather in Paris?")
     assert seen == ["Paris"]
     assert result.final_output == "Sunny in Paris"
+
+
+RESPONSES_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "parameters": WEATHER["function"]["parameters"],
+}
+
+
+def test_responses_whole_and_follow_up(client):
+    first = client.responses.create(
+        model="qwen", input="Weather in Paris?", tools=[RESPONSES_TOOL], instructions="Be brief."
+    )
+    assert first.status == "completed"
+    kinds = [item.type for item in first.output]
+    assert kinds == ["reasoning", "function_call"]
+    call = first.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert first.usage.output_tokens == REPLY_TOKENS
+    assert first.usage.output_tokens_details.reasoning_tokens == REASONING_TOKENS
+    follow = client.responses.create(
+        model="qwen",
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}],
+        tools=[RESPONSES_TOOL],
+        reasoning={"effort": "none"},
+    )
+    assert [item.type for item in follow.output] == ["function_call"]
+    assert follow.usage.input_tokens > first.usage.input_tokens
+    assert client.responses.retrieve(first.id).id == first.id
+
+
+def test_responses_streamed(client):
+    events = list(
+        client.responses.create(
+            model="qwen", input="Weather in Paris?", tools=[RESPONSES_TOOL], stream=True
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert json.loads("".join(deltas)) == {"city": "Paris"}
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["reasoning", "function_call"]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="qwen", input="x", previous_response_id="resp_missing")
