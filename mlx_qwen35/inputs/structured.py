@@ -30,6 +30,9 @@ import numpy as np
 from ..errors import UserError
 from .tools import normalize_tools
 
+# The template (and a thinking budget) puts a blank line after </think>: the answer may start
+# with up to two newlines, no more (a sampler must not loop on white space).
+ANSWER_START = r"/\n{0,2}/"
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # A string parameter of a forced tool call: any text without "</" (so it cannot run past its
 # closing tag), then the tag. One terminal, so the lexer never has to guess where it ends.
@@ -70,7 +73,7 @@ def json_schema_grammar(schema: Any) -> str:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, Mapping):
         raise UserError("a JSON schema must be an object")
-    return _lark(f"start: {_json_terminal(schema)}\n")
+    return _lark(f"start: {ANSWER_START} {_json_terminal(schema)}\n")
 
 
 def tool_call_grammar(
@@ -89,7 +92,9 @@ def tool_call_grammar(
     for i, tool in enumerate(tools):
         rules.append(_call_rule(f"call_{i}", tool["function"]))
     calls = " | ".join(f"call_{i}" for i in range(len(tools)))
-    head = 'start: call ("\\n" call)*\n' if parallel else "start: call\n"
+    head = f'start: {ANSWER_START} call ("\\n" call)*\n' if parallel else (
+        f"start: {ANSWER_START} call\n"
+    )
     head += f'call: <tool_call> "\\n" ({calls}) </tool_call>\n'
 
     return _lark(head + "".join(rules))
