@@ -244,3 +244,12 @@ def constraint_processor(
     if grammar is None:
         return None
     return grammar_processor(processor, vocab_size, grammar, after_think=after_think)
+
+
+def thinking_open(processor: Any, ids: Sequence[int]) -> bool:
+    """Whether prompt `ids` end inside a thinking block (a <think> after the last </think>)."""
+    start, end = processor.encode("<think>"), processor.encode("</think>")
+    if len(start) != 1 or len(end) != 1:
+        return False
+    last = {t: i for i, t in enumerate(ids)}
+    return last.get(start[0], -1) > last.get(end[0], -1)
