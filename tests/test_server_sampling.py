@@ -200,3 +200,36 @@ def test_min_p_keeps_tokens_near_the_top(client):
     for e in entries:
         top = e.top_logprobs[0].logprob
         assert e.logprob >= top + math.log(0.6) - 1e-5
+
+
+def png_url(width, height, color):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_images_and_video_frames(client):
+    text_only = client.chat.completions.create(
+        model="qwen",
+        messages=[{"role": "user", "content": "What?"}],
+        max_tokens=2,
+        extra_body=NO_THINKING,
+    ).usage.prompt_tokens
+    image = {"type": "image_url", "image_url": {"url": png_url(64, 48, (200, 20, 20))}}
+    frames = [png_url(64, 48, (0, 0, 20 * i)) for i in range(4)]
+    video = {"type": "video", "video": frames}
+    for part in (image, video):
+        reply = client.chat.completions.create(
+            model="qwen",
+            messages=[{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}],
+            max_tokens=2,
+            extra_body=NO_THINKING,
+        )
+        # The placeholders expanded to the vision tokens the tower fills.
+        assert reply.usage.prompt_tokens > text_only + 4
+        assert reply.usage.completion_tokens == 2

@@ -92,8 +92,10 @@ def tool_call_grammar(
     for i, tool in enumerate(tools):
         rules.append(_call_rule(f"call_{i}", tool["function"]))
     calls = " | ".join(f"call_{i}" for i in range(len(tools)))
-    head = f'start: {ANSWER_START} call ("\\n" call)*\n' if parallel else (
-        f"start: {ANSWER_START} call\n"
+    head = (
+        f'start: {ANSWER_START} call ("\\n" call)*\n'
+        if parallel
+        else (f"start: {ANSWER_START} call\n")
     )
     head += f'call: <tool_call> "\\n" ({calls}) </tool_call>\n'
 

@@ -160,6 +160,7 @@ def prepare(state: Any, call: Call) -> Prepared:
         stop_token_ids=set(processor.eos_token_ids),
         boundaries=boundaries,
         media_spans=media_spans,
+        cache_final=call.messages is not None,  # an agent's next request extends this one
     )
     return Prepared(
         request=request,
@@ -284,6 +285,8 @@ async def events(state: Any, prepared: Prepared, id_prefix: str = "call") -> Asy
         try:
             for event in handle:
                 deliver(event)
+        except Exception as e:  # the engine failed this request (it keeps serving others)
+            deliver(e)
         finally:
             state.ended()  # the engine is done with it: its slot is free
             deliver(done)
@@ -304,6 +307,8 @@ async def events(state: Any, prepared: Prepared, id_prefix: str = "call") -> Asy
     finish, stop_sequence = None, None
     try:
         while (event := await queue.get()) is not done:
+            if isinstance(event, Exception):
+                raise APIError(500, f"generation failed ({type(event).__name__}: {event})")
             generated += 1
             if in_thinking:
                 reasoning_tokens += 1
@@ -328,8 +333,6 @@ async def events(state: Any, prepared: Prepared, id_prefix: str = "call") -> Asy
                 finish = event.finish_reason
         if finish is None:
             finish = handle.stats.finish_reason or "cancelled"
-            if finish.startswith("error"):
-                raise APIError(500, f"generation failed ({finish[7:]})")
         if stop_sequence is None:
             for delta in _parse(parser, stops.flush(), prepared.raw):
                 yield delta

@@ -41,6 +41,7 @@ class Request:
     stop_token_ids: set[int] = field(default_factory=set)
     boundaries: list[int] = field(default_factory=list)
     media_spans: list[tuple[int, int]] = field(default_factory=list)
+    cache_final: bool = False
 
 
 @dataclass
@@ -75,6 +76,8 @@ class RequestHandle:
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while (event := self._events.get()) is not _DONE:
+            if isinstance(event, BaseException):
+                raise event
             yield event
 
     def cancel(self) -> None:
@@ -107,8 +110,9 @@ class Engine:
         while (handle := self._jobs.get()) is not None:
             try:
                 self._run(handle)
-            except Exception as e:  # keep serving; the request ends with an error
-                handle.stats.finish_reason = f"error: {e}"
+            except Exception as e:  # keep serving; the request ends with its error
+                handle.stats.finish_reason = "error"
+                handle._events.put(e)
             finally:
                 handle._events.put(_DONE)
 
