@@ -100,6 +100,8 @@ def main(**flags: Any) -> None:
     except UserError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def config_from_flags(flags: dict[str, Any]) -> Any:
@@ -163,18 +165,39 @@ def build_state(config: Any, dtype: str | None = None) -> Any:
 
 
 def serve(config: Any, host: str, port: int, dtype: str | None, log_level: str) -> None:
+    """Load the model, bind the address, print the URL, serve until Ctrl-C or SIGTERM."""
+    import logging
+    import signal
+    import socket
+
     import uvicorn
 
     from ..server.app import create_app
 
+    logging.getLogger("mlx_qwen35.server").setLevel(log_level.upper())
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as e:
+        message = f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port"
+        raise UserError(message) from e
     state = build_state(config, dtype)
     app = create_app(state)
-    scheme_host = f"[{host}]" if ":" in host else host
-    click.echo(
-        f"Serving {', '.join(config.model_names)} at http://{scheme_host}:{port}/v1", err=True
+    shown = f"[{host}]" if ":" in host else host
+    # The socket is listening already: a client that reads this line can connect at once.
+    click.echo(f"Serving {', '.join(config.model_names)} at http://{shown}:{port}/v1", err=True)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
     )
+    # uvicorn handles Ctrl-C and SIGTERM: it stops accepting, lets requests end, then raises the
+    # signal again for the handler it found. SIGTERM's is a no-op here, so the server returns and
+    # exits 0 once the engine has stopped; Ctrl-C ends as KeyboardInterrupt (exit 130).
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        # uvicorn handles Ctrl-C and SIGTERM: it stops accepting, lets requests end, returns.
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        server.run(sockets=[sock])
     finally:
         state.engine.stop()
+        sock.close()
