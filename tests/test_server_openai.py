@@ -218,3 +218,18 @@ def test_responses_streamed(client):
     assert [item.type for item in final.output] == ["reasoning", "function_call"]
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="qwen", input="x", previous_response_id="resp_missing")
+
+
+def test_responses_text_and_developer_messages(client):
+    reply = client.responses.create(
+        model="qwen",
+        input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+            {"role": "developer", "content": "Follow AGENTS.md."},
+            {"role": "user", "content": "Weather in Paris?"},
+        ],
+        instructions="Be brief.",
+    )
+    assert [item.type for item in reply.output] == ["reasoning", "message"]
+    assert reply.output_text.startswith("<tool_call>")  # no tools: the call is plain text
+    assert reply.output[0].content[0].text == REASONING

@@ -72,9 +72,13 @@ class ResponsesRequest(_Model):
     ) -> tuple[Call, list[dict[str, Any]]]:
         """(the Call, the conversation without instructions, to store for a follow-up)."""
         conversation = history + input_messages(self.input, limits)
-        messages = list(conversation)
-        if self.instructions:
-            messages.insert(0, {"role": "system", "content": self.instructions})
+        # Codex sends developer messages anywhere in the input; the template takes one system
+        # turn, first: instructions and every system/developer text go there, in order.
+        system = [self.instructions] if self.instructions else []
+        system += [m["content"] for m in conversation if m["role"] == "system"]
+        messages = [m for m in conversation if m["role"] != "system"]
+        if system:
+            messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
         thinking = None
         if self.reasoning is not None and self.reasoning.effort is not None:
             thinking = self.reasoning.effort not in ("none", "minimal")
@@ -125,6 +129,8 @@ def input_messages(items: str | list[dict[str, Any]], limits: MediaLimits) -> li
             if role not in ("system", "user", "assistant"):
                 raise APIError(400, f"{where}.role {item.get('role')!r} is not valid", param=where)
             content = _content(item.get("content"), where, limits, allow_media=role == "user")
+            if role == "system" and not isinstance(content, str):
+                raise APIError(400, f"{where}: a system message holds text only", param=where)
             if role == "assistant":
                 message = current()
                 message["content"] = (message["content"] + "\n\n" + content).strip()
