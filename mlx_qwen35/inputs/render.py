@@ -25,6 +25,7 @@ the processor's media expansion once (the caller may keep them in `segment_cache
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import UserError
 from .messages import THINK_END, THINK_START, normalize_messages
@@ -183,6 +185,21 @@ class Segment:
     ids: list[int]
     arrays: dict[str, mx.array] = field(default_factory=dict)
 
+    @property
+    def key(self) -> str | None:
+        """A name for the content of its media (the prefix cache reuses a state that covers
+        media only for the same pixels); None without media."""
+        if not self.arrays:
+            return None
+        if "_key" not in self.__dict__:
+            digest = hashlib.blake2b(digest_size=16)
+            for name in sorted(self.arrays):
+                value = self.arrays[name]
+                digest.update(name.encode() + str(value.dtype).encode())
+                digest.update(np.array(value.astype(mx.float32)).tobytes())
+            self.__dict__["_key"] = digest.hexdigest()
+        return self.__dict__["_key"]
+
 
 @dataclass
 class RenderedChat:
@@ -249,7 +266,8 @@ def render_chat(
     media: message index -> [(kind, item)]; by default read from the image/video parts.
     prefix_cache: the first k messages rendered alone, keyed by (k, enable_thinking); a caller
     that only ever appends messages (a chat session) keeps it across turns. segment_cache: the
-    segments by (text, media), so images are processed once.
+    segments by (text, media), so images are processed once (left holding only those of this
+    rendering).
     """
     encoder = safe_encoder(processor)
     escaped = escape_messages(encoder, messages)
@@ -309,6 +327,9 @@ def _segments(
     cache: MutableMapping[Any, Segment] | None,
 ) -> list[Segment]:
     cache = {} if cache is None else cache
+    used = set(stretches)
+    for key in [k for k in cache if k not in used]:
+        del cache[key]  # keep only what this rendering uses (processed media are large)
     missing = [(text, kept) for text, kept in stretches if (text, kept) not in cache and not kept]
     for (text, kept), ids in zip(
         missing, encoder.encode_many([t for t, _ in missing]), strict=True
