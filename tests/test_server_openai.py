@@ -143,9 +143,12 @@ def test_logprobs(client):
 
 def test_models_and_completions(client, server):
     assert [m.id for m in client.models.list()] == ["qwen"]
-    completion = client.completions.create(model="qwen", prompt="hello\n", max_tokens=2)
+    completion = client.completions.create(model="qwen", prompt="hello\n", max_tokens=2, logprobs=2)
     assert completion.choices[0].text == REASONING + "</think>"
     assert completion.usage.completion_tokens == 2
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == [REASONING, "</think>"] and logprobs.text_offset == [0, 30]
+    assert logprobs.token_logprobs[0] > -1e-3 and len(logprobs.top_logprobs[0]) == 2
 
 
 def test_agents_tool_loop(server):

@@ -173,6 +173,20 @@ def logprob_entry(t: TokenInfo) -> dict[str, Any]:
     return {**one(t.text, t.logprob), "top_logprobs": [one(x, lp) for x, lp in t.top]}
 
 
+def legacy_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:
+    """The Completions API's log-probabilities: per token, its text, logprob and the top ones."""
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
 def usage_body(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -215,13 +229,17 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     stream = events(state, prepared)
     created = int(time.time())
 
-    def body_of(text: str, finish: str | None, usage: Usage | None) -> dict[str, Any]:
+    def body_of(
+        text: str, finish: str | None, usage: Usage | None, tokens: list[TokenInfo] = ()
+    ) -> dict[str, Any]:
+        logprobs = legacy_logprobs(tokens) if body.logprobs is not None else None
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         out: dict[str, Any] = {
             "id": reply_id,
             "object": "text_completion",
             "created": created,
             "model": name,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": [choice],
         }
         if usage is not None:
             out["usage"] = {
@@ -234,12 +252,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if not body.stream:
         items = await collect(request, stream)
         text = "".join(e.text for e in items if isinstance(e, Content))
-        return JSONResponse(body_of(text, items[-1].finish_reason, items[-1].usage))
+        tokens = [e for e in items if isinstance(e, TokenInfo)]
+        return JSONResponse(body_of(text, items[-1].finish_reason, items[-1].usage, tokens))
 
     async def chunks() -> AsyncIterator[str]:
         async for e in stream:
             if isinstance(e, Content):
                 yield sse(body_of(e.text, None, None))
+            elif isinstance(e, TokenInfo):
+                yield sse(body_of("", None, None, [e]))
             elif isinstance(e, Finished):
                 yield sse(body_of("", e.finish_reason, e.usage if body.include_usage else None))
         yield "data: [DONE]\n\n"
