@@ -77,7 +77,7 @@ class Sampling(_Model):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 
