@@ -111,6 +111,9 @@ def prepare(state: Any, call: Call) -> Prepared:
     processor, config = state.processor, state.config
     try:
         tools = normalize_tools(call.tools) if call.tools else None
+    except UserError as e:
+        raise APIError(400, str(e), param="tools") from e
+    try:
         thinking_flag = call.enable_thinking
         if thinking_flag is None:
             thinking_flag = config.enable_thinking
@@ -271,8 +274,10 @@ async def events(state: Any, prepared: Prepared, id_prefix: str = "call") -> Asy
     state.started()
     try:
         handle = state.engine.submit(prepared.request)
-    except BaseException:
+    except BaseException as e:
         state.ended()
+        if isinstance(e, UserError):
+            raise APIError(400, str(e)) from e
         raise
 
     def deliver(item: Any) -> None:
