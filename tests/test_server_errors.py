@@ -116,6 +116,7 @@ BAD_CHAT = [
         "tool_choice",
     ),
     ("required without tools", chat(tool_choice="required"), 400, "tool_choice"),
+    ("tool name with markup", chat(tools=[{"function": {"name": "a<b>"}}]), 400, "tools"),
     (
         "bad tool-call arguments",
         chat(
