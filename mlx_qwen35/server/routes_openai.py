@@ -65,8 +65,9 @@ async def collect(request: Request, stream: AsyncIterator[Any]) -> list[Any]:
     finally:
         watch.cancel()
     if task not in finished:
+        # Cancelling the gathering closes the event stream, which cancels the engine request.
         task.cancel()
-        await stream.aclose()
+        await asyncio.gather(task, return_exceptions=True)
         raise APIError(499, "the client closed the connection")
     return task.result()
 
