@@ -10,8 +10,8 @@ import socket
 import threading
 from typing import Any
 
+from mlx_qwen35.engine.scheduler import Engine
 from mlx_qwen35.server.app import create_app
-from mlx_qwen35.server.serial_engine import Engine
 from mlx_qwen35.server.state import ServerConfig, ServerState
 
 SCRIPT = [

@@ -149,7 +149,7 @@ def config_from_flags(flags: dict[str, Any]) -> Any:
 
 def build_state(config: Any, dtype: str | None = None) -> Any:
     """Load the model and start the engine: the ServerState an app serves."""
-    from ..server.serial_engine import Engine
+    from ..engine.scheduler import Engine
     from ..server.state import ServerState
     from ..weights.loading import load
 

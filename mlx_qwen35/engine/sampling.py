@@ -84,6 +84,9 @@ class RowSampler:
         if p.presence_penalty or p.frequency_penalty:
             self.counts = mx.zeros((1, vocab), mx.float32)
         self.error: BaseException | None = None  # raised by a logits processor: the row fails
+        # Made on the submitting thread: evaluate them here, since the engine's thread cannot
+        # run work queued on another thread's stream.
+        mx.eval([a for a in (self.key, prompt, self.window, self.counts) if a is not None])
 
     @property
     def greedy(self) -> bool:

@@ -16,13 +16,14 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..engine.request import MediaSpan, Request, SamplingParams
+from ..engine.rows import check_request
 from ..errors import UserError
 from ..inputs.render import render_chat
 from ..inputs.reply_parser import Content, ReplyParser
 from ..inputs.structured import grammar_processor, response_format_grammar, tool_call_grammar
 from ..inputs.tools import CALL_START, normalize_tools
 from .errors import APIError
-from .serial_engine import Request, SamplingParams
 
 # Model card sampling (Qwen3.5), by whether the reply thinks; a request or the server's flags
 # override each value.
@@ -127,7 +128,11 @@ def prepare(state: Any, call: Call) -> Prepared:
             )
             ids, thinking = rendered.ids, rendered.thinking_open
             boundaries = [p for p, _ in rendered.boundaries]
-            media_spans = rendered.media_spans
+            media_spans = [
+                MediaSpan(a, a + len(segment.ids), segment.key)
+                for a, segment in rendered.segments
+                if segment.media
+            ]
             arrays = rendered.media_arrays()
         else:
             ids, thinking, boundaries, media_spans, arrays = call.prompt_ids, False, [], [], {}
@@ -165,6 +170,10 @@ def prepare(state: Any, call: Call) -> Prepared:
         media_spans=media_spans,
         cache_final=call.messages is not None,  # an agent's next request extends this one
     )
+    try:
+        check_request(request, state.model)
+    except UserError as e:
+        raise APIError(400, str(e)) from e
     return Prepared(
         request=request,
         prompt_tokens=len(ids),
