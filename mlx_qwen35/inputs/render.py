@@ -127,10 +127,14 @@ class SafeEncoder:
 
 
 def _backend_tokenizer(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` under ours (`.backend`) or a transformers one."""
+    from tokenizers import Tokenizer
+
     for candidate in (tokenizer, getattr(tokenizer, "_tokenizer", None)):
-        backend = getattr(candidate, "backend_tokenizer", None)
-        if backend is not None:
-            return backend
+        for name in ("backend", "backend_tokenizer"):
+            backend = getattr(candidate, name, None)
+            if isinstance(backend, Tokenizer):
+                return backend
     raise UserError(
         "safe tokenization needs a fast tokenizer (tokenizer.json); this checkpoint has none"
     )
