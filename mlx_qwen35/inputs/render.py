@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import UserError
 from .messages import THINK_END, THINK_START, normalize_messages
+from .tokenizer import _check_utf8
 
 ESCAPE = "\ue000"
 ASSISTANT_START = "<|im_start|>assistant"
@@ -93,6 +94,8 @@ class SafeEncoder:
                 parts.append(len(gaps))
                 gaps.append(self.unescape(text[pos:]))
             pieces.append(parts)
+        for gap in gaps:
+            _check_utf8(gap)
         encoded = self.plain.encode_batch(gaps, add_special_tokens=False) if gaps else []
         out = []
         for parts in pieces:
@@ -107,6 +110,7 @@ class SafeEncoder:
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of `text` read entirely as text (no added token at all)."""
+        _check_utf8(text)
         return self.plain.encode(text, add_special_tokens=False).ids
 
     def escape_value(self, value: Any, *, skip: tuple[str, ...] = ()) -> Any:
