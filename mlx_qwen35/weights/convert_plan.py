@@ -15,6 +15,7 @@ import mlx.core as mx
 from ..errors import UserError
 from ..model.config import ModelConfig, load_config
 from .loading import (
+    MTP_FILE,
     SHIFTED_NORM_SUFFIXES,
     checkpoint_layout,
     rename_key,
@@ -26,7 +27,6 @@ from .recipes import QuantSpec, Recipe, load_recipe
 
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
-MTP_FILE = "mtp.safetensors"
 REPORT_FILE = "quality_report.json"
 DTYPES = ("bfloat16", "float16", "float32")
 HEAD = "language_model.lm_head"

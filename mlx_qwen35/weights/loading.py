@@ -28,6 +28,8 @@ from ..model.config import ModelConfig, load_config
 from ..model.config_fields import typed
 from ..model.model import Model
 
+MTP_FILE = "mtp.safetensors"
+
 TINY_RANDOM = "tiny-random"
 HUB_PATTERNS = [
     "*.json",
@@ -48,6 +50,9 @@ SHIFTED_NORM_SUFFIXES = (
     ".q_norm.weight",
     ".k_norm.weight",
     "language_model.model.norm.weight",
+    "mtp.norm.weight",
+    "mtp.pre_fc_norm_embedding.weight",
+    "mtp.pre_fc_norm_hidden.weight",
 )
 _FP32_SUFFIXES = SHIFTED_NORM_SUFFIXES + (".A_log", ".linear_attn.norm.weight")
 
@@ -111,14 +116,18 @@ def weight_files(model_dir: Path) -> list[Path]:
 def read_weights(model_dir: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in weight_files(model_dir):
-        try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:
-            raise UserError(
-                f"{f}: cannot read this safetensors shard ({e}); it is corrupt or truncated, "
-                f"re-download or re-convert the model"
-            ) from None
+        weights.update(_read_shard(f))
     return weights
+
+
+def _read_shard(f: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(f))
+    except Exception as e:
+        raise UserError(
+            f"{f}: cannot read this safetensors shard ({e}); it is corrupt or truncated, "
+            f"re-download or re-convert the model"
+        ) from None
 
 
 def checkpoint_layout(weights: dict[str, mx.array], config: ModelConfig) -> str:
@@ -139,9 +148,11 @@ def checkpoint_layout(weights: dict[str, mx.array], config: ModelConfig) -> str:
 
 
 def rename_key(key: str) -> str | None:
-    """Original/mlx key -> our key; None for tensors the model does not hold (MTP)."""
-    if key.startswith("mtp.") or ".mtp." in key:
-        return None
+    """Original/mlx key -> our key (the MTP head keeps its `mtp.` names)."""
+    if key.startswith("mtp."):
+        return key
+    if ".mtp." in key:
+        return "mtp." + key.split(".mtp.", 1)[1]
     for old, new in (
         ("model.language_model.", "language_model.model."),
         ("model.visual.", "vision_tower."),
@@ -169,7 +180,8 @@ def sanitize(
     vision: dict[str, mx.array] = {}
     for key, value in weights.items():
         new = key if layout == "ours" else rename_key(key)
-        if new is None:
+        if new is None or (layout == "mlx" and new.startswith("mtp.")):
+            # mlx-lm drops the MTP head; whatever another MLX writer kept is of unknown layout.
             continue
         if new.startswith("vision_tower."):
             vision[new[len("vision_tower.") :]] = value
@@ -248,7 +260,11 @@ def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
 def load_model(model_dir: str | Path, dtype: str | mx.Dtype | None = None) -> Model:
     model_dir = Path(model_dir)
     config = load_config(model_dir)  # first: a missing config.json is the clearer error
-    return model_from_weights(read_weights(model_dir), config, dtype, model_dir)
+    weights = read_weights(model_dir)
+    mtp_file = model_dir / MTP_FILE  # our converter keeps the MTP head out of the index
+    if mtp_file.is_file() and config.format_version is not None:
+        weights.update(_read_shard(mtp_file))
+    return model_from_weights(weights, config, dtype, model_dir)
 
 
 def model_from_weights(
@@ -270,6 +286,7 @@ def model_from_weights(
     for k in weights:
         if k.endswith(SHIFTED_NORM_SUFFIXES):
             weights[k] = weights[k].astype(mx.float32)
+    model.mtp_unavailable = _attach_mtp(model, weights, config)
     quantize_like_checkpoint(model, weights, config.raw)
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -282,6 +299,19 @@ def model_from_weights(
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def _attach_mtp(model: Model, weights: dict[str, mx.array], config: ModelConfig) -> str | None:
+    """Attach the MTP head as `model.mtp` when the checkpoint has a complete one (its tensors
+    then load with the rest); else drop its tensors and return why there is none."""
+    from ..model.mtp import build_mtp_head, mtp_weights
+
+    mtp = mtp_weights(weights)
+    head, reason = build_mtp_head(config.text, mtp)
+    if head is not None:
+        model.mtp = head
+        weights.update(mtp)
+    return reason
 
 
 def load(path_or_repo: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[Model, Any]:
