@@ -218,10 +218,38 @@ def _stack_right_aligned(parts: list[tuple[mx.array, int]], length: int, cap: in
 
 
 class GatedDeltaCache:
-    """cache[0]: conv state [B, K-1, C] (activation dtype); cache[1]: state [B, Hv, Dv, Dk] fp32."""
+    """cache[0]: conv state [B, K-1, C] (activation dtype); cache[1]: state [B, Hv, Dv, Dk] fp32.
+
+    The recurrent state cannot be trimmed token by token, so speculative decoding asks the layer
+    to record its per-token states during a verify call (`record_steps = True`): `steps` then holds
+    (states [B, T, Hv, Dv, Dk] fp32, conv window u [B, K-1+T, C]) of that call, and
+    `keep_steps(n)` rolls the cache back to just after its first n tokens without recomputing.
+    """
 
     def __init__(self) -> None:
         self.cache: list[mx.array | None] = [None, None]
+        self.record_steps = False
+        self.steps: tuple[mx.array, mx.array] | None = None
+
+    def keep_steps(self, n: int | mx.array) -> None:
+        """Keep the first n tokens of the last recorded call (1 <= n <= T; an int, or one count
+        per row as a [B] int array), then forget the recording."""
+        if self.steps is None:
+            raise RuntimeError("keep_steps needs a call made with record_steps = True")
+        states, window = self.steps
+        B, T = states.shape[:2]
+        K1 = window.shape[1] - T  # K - 1
+        if isinstance(n, int):
+            if not 1 <= n <= T:
+                raise ValueError(f"can keep 1 to {T} recorded tokens, got {n}")
+            self.cache[1] = states[:, n - 1]
+            self.cache[0] = mx.contiguous(window[:, n : n + K1])
+        else:
+            rows = mx.arange(B)
+            self.cache[1] = states[rows, n - 1]
+            taps = n[:, None] + mx.arange(K1)[None]  # [B, K-1]: the window rows to keep
+            self.cache[0] = window[rows[:, None], taps]
+        self.steps = None
 
     def __getitem__(self, idx: int) -> mx.array | None:
         return self.cache[idx]

@@ -60,7 +60,9 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         conv_state = cache[0] if cache is not None else None
         state = cache[1] if cache is not None else None
-        o, conv_state, state = gated_delta_core(
+        # Speculative verify: keep the state after every token so the cache can roll back.
+        record = getattr(cache, "record_steps", False)
+        out = gated_delta_core(
             self.in_proj_qkv(x),
             self.in_proj_a(x),
             self.in_proj_b(x),
@@ -73,7 +75,11 @@ class GatedDeltaNet(nn.Module):
             num_v_heads=self.num_v_heads,
             head_k_dim=self.head_k_dim,
             head_v_dim=self.head_v_dim,
+            per_token_states=record,
         )
+        o, conv_state, state = out[:3]
+        if record:
+            cache.steps = out[3:]
         if cache is not None:
             cache[0], cache[1] = conv_state, state
         z = self.in_proj_z(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
