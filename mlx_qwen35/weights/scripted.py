@@ -9,7 +9,10 @@ every layer at its real size; only its answer is fixed:
 2. the final norm's multiplier is 1, so the head sees h = e_t / rms(e_t);
 3. the (untied) head is rewritten as a successor table: head[v] = c * sum of e_t / |e_t| over the
    tokens t with succ(t) = v. The logit of succ(t) is then c * sqrt(H) (up to the small cosine
-   between random embeddings), every other logit near 0.
+   between random embeddings), every other logit near 0;
+4. an MTP head, when the model has one, drafts the script exactly: its fc passes the next token's
+   normed embedding through ([I, 0]), its layer is silenced like the others and its norms are 1, so
+   it outputs e_x / rms(e_x) for the next token x, and the shared head maps that to succ(x).
 
 `margin` is the logit gap wanted between the scripted token and the rest (~100 makes greedy output
 exact under any batching, backend or dtype). Pair tests on scripted models with parity tests, which
@@ -62,20 +65,40 @@ def write_successors(model: Any, successor: Mapping[int, int], *, margin: float 
     vocab, hidden = embed.shape
     head = np.zeros((vocab, hidden), dtype=np.float32)
     scale = margin / np.sqrt(hidden)
-    for token, nxt in successor.items():
-        if not (0 <= token < vocab and 0 <= nxt < vocab):
-            raise UserError(f"successor {token} -> {nxt} is outside the vocabulary ({vocab})")
-        e = embed[token]
-        head[nxt] += scale * e / np.linalg.norm(e)
+    tokens = np.fromiter(successor.keys(), dtype=np.int64, count=len(successor))
+    nxt = np.fromiter(successor.values(), dtype=np.int64, count=len(successor))
+    bad = (tokens < 0) | (tokens >= vocab) | (nxt < 0) | (nxt >= vocab)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(f"successor {tokens[i]} -> {nxt[i]} is outside the vocabulary ({vocab})")
+    e = embed[tokens]
+    # A zero embedding (padding rows) cannot be told apart from anything: it scripts nothing.
+    norms = np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+    np.add.at(head, nxt, scale * e / norms)
     dtype = text.lm_head.weight.dtype
     text.lm_head.weight = mx.array(head).astype(dtype)
     text.model.norm.weight = mx.ones_like(text.model.norm.weight)
 
 
+def script_mtp(model: Any) -> None:
+    """Make the model's MTP head draft what the head predicts after the *next* token (in place):
+    with a scripted head it then drafts the script exactly."""
+    mtp = model.mtp
+    silence_layers(mtp)
+    fc = _dense(mtp.fc)
+    h = fc.shape[0]
+    mtp.fc.weight = mx.concatenate([mx.eye(h), mx.zeros((h, h))], axis=1).astype(fc.dtype)
+    for norm in (mtp.pre_fc_norm_embedding, mtp.pre_fc_norm_hidden, mtp.norm):
+        norm.weight = mx.ones_like(norm.weight)
+
+
 def script_model(model: Any, successor: Mapping[int, int], *, margin: float = 100.0) -> None:
-    """`silence_layers` + `write_successors`: the model follows `successor` greedily."""
+    """`silence_layers` + `write_successors` (+ `script_mtp` when the model has an MTP head):
+    the model follows `successor` greedily, and its MTP head drafts it."""
     silence_layers(model)
     write_successors(model, successor, margin=margin)
+    if getattr(model, "mtp", None) is not None:
+        script_mtp(model)
     mx.eval(model.parameters())
 
 
