@@ -20,14 +20,14 @@ from mlx_qwen35.engine.speculative import Sampling, SpeculativeDecoder
 from mlx_qwen35.errors import UserError
 from mlx_qwen35.model.cache import GatedDeltaCache, KVCache
 from mlx_qwen35.weights.loading import load_config, load_model, model_from_weights, read_weights
-from mlx_qwen35.weights.scripted import write_successors, script_mtp
+from mlx_qwen35.weights.scripted import script_mtp, write_successors
 
 GAP = 1e-4
 PROMPT = mx.array(np.random.RandomState(3).randint(0, 300, 12), dtype=mx.uint32)
 
 
 def noisy_copy(path: Path, sigma: float, seed: int = 1):
-    """The checkpoint at `path` with every matrix perturbed: a draft that agrees often, not always."""
+    """The checkpoint at `path` with every matrix perturbed: a draft that often agrees."""
     rng = np.random.RandomState(seed)
     raw = read_weights(path)
     for k, v in raw.items():
