@@ -1,10 +1,12 @@
 """Fast paths for MLX's CPU backend (Linux development machines and CI; never used on Metal).
 
 Three things are slow there, all measured on this project's 2-core x86 machine with OpenBLAS:
-- a matmul with one row (decode): MLX calls cblas_sgemm, which packs the whole weight matrix
-  before multiplying and streams it at 3-10 GB/s. The same product cut into [1, K] x [K, b]
-  calls of b rows runs OpenBLAS's unpacked small-matrix kernel at 15-19 GB/s, and twice that
-  for a large matrix split over two CPU streams (two cores);
+- a matmul with one row (decode) or a few (batched decode, speculative verification of up to 8
+  tokens): MLX calls cblas_sgemm, which packs the whole weight matrix before multiplying and
+  streams it at 3-10 GB/s. The same product cut into [m, K] x [K, b] calls of b weight rows
+  (m * b * K within the small-matrix limit) runs OpenBLAS's unpacked small-matrix kernel at
+  15-19 GB/s, and twice that for a large matrix split over two CPU streams (two cores). At 4
+  rows the packed GEMM measured ~3x slower than the small calls;
 - exp (and so sigmoid, SiLU, softmax): a scalar libm call per element on one core, ~12 ns per
   element. Built from +, *, a rounding and a bit shift, and compiled, it is one vectorised pass
   at ~2.5 ns per element, accurate to ~3e-7 relative;
@@ -21,8 +23,10 @@ import math
 
 import mlx.core as mx
 
-# rows per call * K: the largest product that stays on OpenBLAS's small-matrix kernel.
+# rows per call * K * input rows: the largest product that stays on OpenBLAS's small-matrix kernel.
 _GEMV_CALL_ELEMENTS = 1 << 18
+# Inputs with up to this many rows take the small-call path.
+_SMALL_ROWS = 8
 # Matrices from this many elements (64 MB in fp32) up are split over two CPU streams.
 _GEMV_SPLIT_ELEMENTS = 1 << 24
 _ATTENTION_BLOCK = 128
@@ -47,20 +51,23 @@ def _rows_per_call(n: int, k: int) -> int:
 
 
 def _gemv(x: mx.array, w: mx.array) -> mx.array | None:
-    """x [1, K] @ w[N, K].T as N/b small calls, or None when N has no useful block size."""
+    """x [m, K] @ w[N, K].T as N/b small calls, or None when N has no useful block size."""
     n, k = w.shape
-    b = _rows_per_call(n, k)
+    m = x.shape[0]
+    b = _rows_per_call(n, k * m)
     if b < 16:
         return None
-    return (x @ w.reshape(n // b, b, k).swapaxes(1, 2)).reshape(1, n)
+    y = x @ w.reshape(n // b, b, k).swapaxes(1, 2)  # [N/b, m, b]
+    return y.reshape(1, n) if m == 1 else y.swapaxes(0, 1).reshape(m, n)
 
 
 def linear(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T; a single fp32 row on the CPU takes the small-call path described above."""
+    """x @ weight.T; up to 8 fp32 rows on the CPU take the small-call path described above."""
     n, k = weight.shape
-    if x.size != k or weight.dtype != mx.float32 or not on_cpu():
+    m = x.size // k if x.shape[-1] == k else 0
+    if not 1 <= m <= _SMALL_ROWS or weight.dtype != mx.float32 or not on_cpu():
         return x @ weight.T
-    x1 = x.reshape(1, k)
+    x1 = x.reshape(m, k)
     if n * k >= _GEMV_SPLIT_ELEMENTS and n % 32 == 0:
         h = n // 2
         y1 = _gemv(x1, weight[:h])
