@@ -180,3 +180,54 @@ def test_the_real_sizes_have_the_published_dimensions():
             tied,
         )
         assert text.vocab_size == 248320 and text.layer_types[3] == "full_attention"
+
+
+def test_speculative_bench_on_a_scripted_puppet():
+    result = invoke(
+        "--config",
+        "tiny",
+        "-p",
+        "8",
+        "-g",
+        "13",
+        "--draft-model",
+        "mtp",
+        "--scripted",
+        "--draft-vocab",
+        "200",
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "scripted" in out and "draft MTP head, k = 3, draft vocab 200 ids" in out
+    assert "acceptance 1.000" in out and "speculative / plain: generation" in out
+    assert out.count("cost model (") == 2  # the draft vocab and the full head
+    assert "predicted speedup" in out and "break-even acceptance" in out
+
+
+def test_speculative_bench_with_a_draft_model_of_another_size():
+    result = invoke(
+        "--config",
+        "tiny",
+        "-p",
+        "8",
+        "-g",
+        "9",
+        "--draft-model",
+        "tiny",
+        "--scripted",
+        "--num-draft-tokens",
+        "2",
+    )
+    assert result.exit_code == 0, result.output
+    assert "acceptance 1.000" in result.output and "k = 2" in result.output
+
+
+def test_speculative_bench_refuses_what_it_cannot_compare():
+    cases = [
+        (["--draft-vocab", "10"], "--draft-vocab and --scripted go with --draft-model"),
+        (["--draft-model", "mtp", "--vs", "mlx-lm"], "drop --vs"),
+        (["--draft-model", "mtp", "--num-draft-tokens", "9"], "num_draft_tokens must be"),
+    ]
+    for extra, message in cases:
+        result = invoke("--config", "tiny", "-p", "4", "-g", "2", *extra)
+        assert result.exit_code == 1 and message in result.output, result.output

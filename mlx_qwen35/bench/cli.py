@@ -449,6 +449,18 @@ def load_source(
     help=f"Force our gated delta backend ({ENV_VAR}); repeat to compare several.",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--draft-model",
+    help="Speculative decoding against plain: mtp (the model's MTP head), a draft checkpoint, "
+    "or with --config a size (random weights).",
+)
+@click.option("--num-draft-tokens", default=3, show_default=True, type=int)
+@click.option("--draft-vocab", type=click.IntRange(1), help="Draft heads score only N token ids.")
+@click.option(
+    "--scripted",
+    is_flag=True,
+    help="Make the models a bigram puppet whose drafts are always accepted (real dimensions).",
+)
 def main(
     model_path,
     size,
@@ -461,9 +473,35 @@ def main(
     vs,
     backends,
     seed,
+    draft_model,
+    num_draft_tokens,
+    draft_vocab,
+    scripted,
 ) -> None:
-    """Prompt tok/s, generation tok/s and peak memory (optionally against mlx-lm)."""
+    """Prompt tok/s, generation tok/s and peak memory (optionally against mlx-lm, or speculative
+    decoding against plain decoding)."""
     try:
+        if draft_model is not None:
+            _speculative(
+                model_path,
+                size,
+                layers,
+                prompt_tokens,
+                generation_tokens,
+                dtype,
+                prefill_step_size,
+                repeats,
+                vs,
+                backends,
+                seed,
+                draft_model,
+                num_draft_tokens,
+                draft_vocab,
+                scripted,
+            )
+            return
+        if draft_vocab is not None or scripted:
+            raise UserError("--draft-vocab and --scripted go with --draft-model")
         _main(
             model_path,
             size,
@@ -550,6 +588,50 @@ def _main(
                 f"generation {_ratio(m.generation_tps, theirs.generation_tps)}, "
                 f"peak memory {_ratio(m.peak_gb, theirs.peak_gb)}"
             )
+
+
+def _speculative(
+    model_path,
+    size,
+    layers,
+    prompt_tokens,
+    generation_tokens,
+    dtype,
+    prefill_step_size,
+    repeats,
+    vs,
+    backends,
+    seed,
+    draft_model,
+    num_draft_tokens,
+    draft_vocab,
+    scripted,
+) -> None:
+    from .speculative import bench_speculative
+
+    if vs is not None or backends:
+        raise UserError("--draft-model compares with plain decoding; drop --vs and --gdn-backend")
+    warning = slow_blas_warning()
+    if warning:
+        click.echo(warning, err=True)
+    dt = loading.parse_dtype(dtype)
+    config, raw, what = load_source(model_path, size, layers, dt, seed)
+    bench_speculative(
+        config=config,
+        raw=raw,
+        what=what,
+        model_path=model_path,
+        dtype=dt,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+        draft_vocab=draft_vocab,
+        scripted=scripted,
+        prompt_tokens=prompt_tokens,
+        generation_tokens=generation_tokens,
+        prefill_step_size=prefill_step_size,
+        repeats=repeats,
+        seed=seed,
+    )
 
 
 def _ratio(ours: float, theirs: float) -> str:
