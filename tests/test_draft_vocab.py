@@ -133,3 +133,25 @@ def test_subset_head_of_a_quantized_head(tiny):
         )
     finally:
         lm.lm_head = saved
+
+
+def test_the_converter_writes_the_frequency_file(tmp_path):
+    from mlx_qwen35.inputs.processor import Processor
+    from mlx_qwen35.weights.convert import convert
+    from mlx_qwen35.weights.loading import load_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello hello hello world\nthe world\n", encoding="utf-8")
+    out = tmp_path / "out"
+    convert("tiny-random", out, draft_vocab_corpus=corpus, progress=False)
+    ranked = json.loads((out / DRAFT_VOCAB_FILE).read_text())["token_ids"]
+    tok = Processor.from_pretrained(out, load_config(out)).tokenizer
+    lines = corpus.read_text().splitlines()
+    counts = Counter(t for line in lines for t in tok.encode(line, add_special_tokens=False))
+    assert ranked[0] == counts.most_common(1)[0][0]
+    assert set(ranked[:2]) <= set(draft_vocab_ids(tok, 2, 704).tolist())
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="cannot read it as UTF-8"):
+        convert("tiny-random", tmp_path / "out2", draft_vocab_corpus=bad, progress=False)
+    assert not (tmp_path / "out2").exists()

@@ -46,6 +46,11 @@ from .options import DTYPES
 @click.option("--upload-repo", help="Upload the result to this Hub repo (USER/NAME).")
 @click.option("--no-vision", is_flag=True, help="Leave out the vision tower (text-only output).")
 @click.option("--no-mtp", is_flag=True, help="Leave out the multi-token-prediction head.")
+@click.option(
+    "--draft-vocab-corpus",
+    type=click.Path(dir_okay=False),
+    help="A text file: rank token ids by their frequency in it for speculative --draft-vocab.",
+)
 @click.option("--force", is_flag=True, help="Replace --mlx-path if it exists.")
 @click.option(
     "--dry-run",
@@ -69,6 +74,7 @@ def main(
     upload_repo: str | None,
     no_vision: bool,
     no_mtp: bool,
+    draft_vocab_corpus: str | None,
     force: bool,
     dry_run: bool,
     report: bool,
@@ -89,6 +95,7 @@ def main(
             upload_repo=upload_repo,
             vision=not no_vision,
             mtp=not no_mtp,
+            draft_vocab_corpus=draft_vocab_corpus,
             force=force,
             dry_run=dry_run,
             report=report,

@@ -17,6 +17,8 @@ The output directory:
   mtp.safetensors     the MTP head (our layout, norms hold 1 + w); outside the index and outside
                       mlx-lm's `model*.safetensors` glob, so mlx-lm and mlx-vlm never see it
   tokenizer, chat template, preprocessor and generation configs, LICENSE: copied from the source
+  draft_vocab.json    with --draft-vocab-corpus: token ids by frequency over that text, for
+                      `--draft-vocab N` (engine/draft_vocab.py); else copied when the source has it
   README.md           the model card;  quality_report.json with --report
 It is written into a temporary directory beside the target and renamed into place at the end, so
 an error or Ctrl-C leaves nothing at the target.
@@ -24,6 +26,7 @@ an error or Ctrl-C leaves nothing at the target.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from ..errors import UserError
@@ -58,6 +61,7 @@ def convert(
     upload_repo: str | None = None,
     vision: bool = True,
     mtp: bool = True,
+    draft_vocab_corpus: str | Path | None = None,
     force: bool = False,
     dry_run: bool = False,
     report: bool = False,
@@ -69,6 +73,7 @@ def convert(
     Quantization: `quantize` uses the `4bit` (or `8bit` with `q_bits=8`) recipe; `recipe` names a
     built-in recipe or a recipe file and implies quantization; `q_group_size` overrides the
     recipe's default group size. Without either, tensors are only cast to `dtype`.
+    `draft_vocab_corpus`: a UTF-8 text file whose token frequencies rank the draft vocabulary.
     """
     chosen = _choose_recipe(quantize, q_bits, q_group_size, recipe)
     if dtype is not None and dtype not in DTYPES:
@@ -96,9 +101,29 @@ def convert(
     _check_writable(out.parent)
     _check_disk(out.parent, plan.weight_bytes)
     _print_plan(plan, out, None, None)
-    result = _write_atomically(plan, out, card, force=force, report=report, progress=progress)
+    with tempfile.TemporaryDirectory() as side:
+        if draft_vocab_corpus is not None:
+            made = _draft_vocab(source, Path(draft_vocab_corpus), Path(side))
+            plan.copies = [p for p in plan.copies if p.name != made.name] + [made]
+        result = _write_atomically(plan, out, card, force=force, report=report, progress=progress)
     if upload_repo is not None:
         print(f"Uploading {out} to {upload_repo}")
         result.url = upload(out, upload_repo)
         print(f"Uploaded: {result.url}")
     return result
+
+
+def _draft_vocab(source: Path, corpus: Path, side: Path) -> Path:
+    """draft_vocab.json for `source`'s tokenizer from the text in `corpus`, written into `side`."""
+    from ..engine.draft_vocab import write_draft_vocab
+    from ..inputs.processor import Processor
+    from ..model.config import load_config
+
+    try:
+        text = corpus.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"--draft-vocab-corpus {corpus}: cannot read it as UTF-8 text ({e})"
+        ) from None
+    tokenizer = Processor.from_pretrained(source, load_config(source)).tokenizer
+    return write_draft_vocab(side, tokenizer, text.splitlines())
