@@ -130,6 +130,51 @@ class RowSampler:
         self.key, sub = mx.random.split(self.key)
         return mx.random.gumbel((n,), key=sub)
 
+    # Speculative decoding (speculative.py) needs what `sample_batch` only uses inside: the law a
+    # token is drawn from, draws from other laws with this row's random stream, and the state the
+    # penalties depend on, to adjust logits as if draft tokens had been fed and then roll back.
+
+    def state(self) -> tuple[Any, Any, Any]:
+        """What `feed` changes (history, repetition window, counts): to restore with `restore`."""
+        return self.history, self.window, self.counts
+
+    def restore(self, state: tuple[Any, Any, Any]) -> None:
+        self.history, self.window, self.counts = state
+
+    def distribution(self, logits: mx.array) -> mx.array:
+        """The log-probabilities [n, V] that `sample_batch` draws this row's token from, for
+        adjusted logits [n, V]: the top_k, top_p and min_p cuts, then the temperature (not for
+        greedy rows, which take the argmax)."""
+        p = self.params
+        x = logits.astype(mx.float32)
+        vocab = x.shape[-1]
+        keep = mx.ones(x.shape, mx.bool_)
+        if 0 < p.top_k < vocab:
+            kth = -mx.partition(-x, kth=p.top_k - 1, axis=-1)[:, p.top_k - 1 : p.top_k]
+            keep = keep & (x >= kth)
+        if p.top_p < 1.0:
+            vals = mx.sort(x, axis=-1)[:, ::-1]
+            top_p = mx.full((x.shape[0], 1), p.top_p, mx.float32)
+            keep = keep & (x >= _top_p_threshold(x, vals, top_p))
+        if p.min_p > 0:
+            keep = keep & (x >= mx.max(x, axis=-1, keepdims=True) + math.log(p.min_p))
+        scores = mx.where(keep, x / p.temp, -math.inf)
+        return scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+
+    def draw(self, logprobs: mx.array) -> mx.array:
+        """One token [n] from each row of log-probabilities [n, V] (Gumbel-max), with this row's
+        random stream."""
+        n, vocab = logprobs.shape
+        own = self.noise(n * vocab)
+        noise = mx.random.gumbel((n, vocab)) if own is None else own.reshape(n, vocab)
+        return mx.argmax(logprobs + noise, axis=-1)
+
+    def uniform(self, n: int) -> mx.array:
+        """n uniform numbers in (0, 1) from this row's random stream."""
+        own = self.noise(n)
+        g = mx.random.gumbel((n,)) if own is None else own
+        return mx.exp(-mx.exp(-g))  # the Gumbel CDF maps Gumbel noise to uniform
+
 
 def sample_batch(
     logits: mx.array, rows: Sequence[RowSampler], fed: mx.array | None
