@@ -2,7 +2,7 @@
 (a difference is allowed only where the plain run's top-2 logit gap is below 1e-4), with partial
 acceptance so that rollbacks happen every few tokens, for a draft model and for the MTP head, on
 the portable and the (emulated) Metal paths; under sampling the output distribution is the
-target's (chi-square); the caches never hold a token the consumer did not take."""
+target's (chi-square); every cache ends holding exactly the committed tokens."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mtp_fixture import with_mtp
 
-from mlx_qwen35.engine.drafters import ModelDrafter, MTPDrafter
-from mlx_qwen35.engine.generate import generate_step
-from mlx_qwen35.engine.speculative import Sampling, SpeculativeDecoder
+from mlx_qwen35.engine.drafters import ModelDrafter
+from mlx_qwen35.engine.request import Request, SamplingParams
+from mlx_qwen35.engine.sampling import RowSampler, sample_batch
+from mlx_qwen35.engine.scheduler import Engine
+from mlx_qwen35.engine.speculative import Speculation, speculative_round
 from mlx_qwen35.errors import UserError
 from mlx_qwen35.model.cache import GatedDeltaCache, KVCache
 from mlx_qwen35.weights.loading import load_config, load_model, model_from_weights, read_weights
-from mlx_qwen35.weights.scripted import script_mtp, write_successors
+from mlx_qwen35.weights.scripted import script_model, script_mtp, write_successors
 
 GAP = 1e-4
-PROMPT = mx.array(np.random.RandomState(3).randint(0, 300, 12), dtype=mx.uint32)
+PROMPT = np.random.RandomState(3).randint(0, 300, 12).tolist()
 
 
 def noisy_copy(path: Path, sigma: float, seed: int = 1):
@@ -36,13 +37,29 @@ def noisy_copy(path: Path, sigma: float, seed: int = 1):
     return model_from_weights(raw, load_config(path))
 
 
-def plain_greedy(model, prompt, n, **processors):
-    sampler = make_sampler(0.0)
-    steps = generate_step(model, prompt, max_tokens=n, sampler=sampler, **processors)
-    tokens, gaps = [], []
-    for token, logprobs in steps:
-        top2 = np.sort(np.array(logprobs))[-2:]
-        tokens.append(token)
+def generate(model, n, prompt=PROMPT, draft=None, k=3, **kwargs):
+    """(tokens, from_draft flags, stats, events) of one request on a fresh engine."""
+    sampling = kwargs.pop("sampling", SamplingParams())
+    engine = Engine(model, prefix_cache_bytes=kwargs.pop("prefix_cache_bytes", 0))
+    request = Request(
+        prompt=list(prompt),
+        max_tokens=n,
+        sampling=sampling,
+        stop_token_ids=kwargs.pop("stop_token_ids", ()),
+        draft_model=draft,
+        num_draft_tokens=k,
+        **kwargs,
+    )
+    handle = engine.submit(request)
+    events = list(handle)
+    return [e.token for e in events], [e.from_draft for e in events], handle.stats, events
+
+
+def plain_greedy(model, n, prompt=PROMPT, **kwargs):
+    tokens, _, _, events = generate(model, n, prompt, **kwargs)
+    gaps = []
+    for e in events:
+        top2 = np.sort(np.array(e.logprobs))[-2:]
         gaps.append(float(top2[1] - top2[0]))
     return tokens, gaps
 
@@ -56,18 +73,31 @@ def assert_lossless(plain: tuple[list[int], list[float]], spec: list[int]) -> No
             return
 
 
-def run(model, drafter, k, n, sampling=None, prompt=PROMPT, **kwargs):
-    dec = SpeculativeDecoder(
-        model,
-        prompt,
-        drafter=drafter,
-        num_draft_tokens=k,
-        max_tokens=n,
-        sampling=sampling or Sampling(temp=0.0),
-        **kwargs,
-    )
-    out = list(dec)
-    return [t for t, _, _ in out], [f for _, _, f in out], dec
+def drive(model, spec, n, prompt=PROMPT, sampling=None):
+    """The engine's speculative path for one row, driven by hand (prefill, first token, rounds)
+    so that a test can look at every cache afterwards. Returns (tokens, target cache, drafted,
+    accepted, the row's sampler)."""
+    request = Request(prompt=prompt, max_tokens=n, sampling=sampling or SamplingParams())
+    sampler = RowSampler(request, model.args.vocab_size)
+    cache = model.make_cache()
+    spec.start(prompt, 0)
+    for s in range(0, len(prompt), 5):
+        ids = prompt[s : s + 5]
+        positions = spec.positions(cache, len(ids), {})
+        hidden = model.hidden_states(mx.array([ids], mx.uint32), cache)
+        spec.prefill(ids, {}, hidden, positions)
+    token = sample_batch(model.language_model.logits(hidden[:, -1]), [sampler], None)[0]
+    tokens = [int(token.item())]
+    drafted = accepted = 0
+    while len(tokens) < n:
+        k = spec.budget(len(tokens) - 1, n)
+        if k < 1:
+            break
+        rnd = speculative_round(model, cache, spec, sampler, token, k, frozenset())
+        tokens += rnd.tokens + [int(rnd.next_token.item())]
+        token = rnd.next_token
+        drafted, accepted = drafted + k, accepted + rnd.accepted
+    return tokens, cache, drafted, accepted, sampler
 
 
 @pytest.fixture(scope="module")
@@ -129,74 +159,101 @@ def test_keep_steps_equals_running_fewer_tokens(target):
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_draft_model_greedy_is_lossless_with_partial_acceptance(target, k):
     model = load_model(target)
-    plain = plain_greedy(model, PROMPT, 48)
-    draft = noisy_copy(target, 0.002)
-    drafter = ModelDrafter(draft)
-    tokens, from_draft, dec = run(model, drafter, k, 48)
+    plain = plain_greedy(model, 48)
+    tokens, from_draft, stats, _ = generate(model, 48, draft=noisy_copy(target, 0.002), k=k)
     assert_lossless(plain, tokens)
-    assert 0.2 < dec.accepted / dec.drafted < 0.9  # rollbacks every few tokens
-    assert sum(from_draft) == dec.accepted and not from_draft[0]
-    # The draft's own cache followed the committed tokens (what it has not fed yet is pending).
-    fed = PROMPT.tolist() + tokens[:-1]
-    assert len(fed) - next(c.offset for c in drafter.cache if isinstance(c, KVCache)) == len(
-        drafter.pending
-    )
-    cache_matches_fresh_prefill(draft, drafter.cache, fed)
+    assert 0.2 < stats.accepted_tokens / stats.draft_tokens < 0.9  # rollbacks every few tokens
+    assert sum(from_draft) == stats.accepted_tokens and not from_draft[0]
 
 
 def test_mtp_greedy_is_lossless_with_partial_acceptance(semi_scripted):
     model = semi_scripted()
-    plain = plain_greedy(model, PROMPT, 60)
+    plain = plain_greedy(model, 60)
     for k in (2, 4):
-        tokens, _, dec = run(model, MTPDrafter(model), k, 60)
+        tokens, _, stats, _ = generate(model, 60, draft="mtp", k=k)
         assert_lossless(plain, tokens)
-        assert 0.2 < dec.accepted / dec.drafted < 0.9
+        assert 0.2 < stats.accepted_tokens / stats.draft_tokens < 0.9
 
 
-def test_mtp_cache_holds_exactly_the_committed_pairs(semi_scripted):
-    """After generation the MTP cache equals one computed afresh over the committed sequence
-    with the target's hidden states: chained draft entries were trimmed and realigned."""
+def cache_matches_fresh_prefill(model, cache, tokens: list[int]) -> None:
+    """`cache` (one row) equals a fresh prefill of the tokens it holds (a prefix of `tokens`)."""
+    kv = next(c for c in cache if isinstance(c, KVCache))
+    n = kv.offset
+    assert n <= len(tokens)
+    ref = model.make_cache()
+    model(mx.array(tokens[:n])[None], cache=ref)
+    for ours, theirs in zip(cache, ref, strict=True):
+        if isinstance(ours, KVCache):
+            assert ours.offset == theirs.offset
+            for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+                np.testing.assert_allclose(
+                    np.array(a[..., :n, :]), np.array(b[..., :n, :]), atol=1e-4
+                )
+        else:
+            for i in (0, 1):
+                np.testing.assert_allclose(np.array(ours[i]), np.array(theirs[i]), atol=1e-4)
+
+
+def test_every_cache_holds_exactly_the_committed_tokens(target, semi_scripted):
+    """After a run with partial acceptance: the target cache, the draft model's cache and the
+    MTP cache equal fresh computations over the committed sequence (chained MTP entries trimmed,
+    realigned with the target's hidden states; rejected draft-model states restored)."""
+    model = load_model(target)
+    draft = noisy_copy(target, 0.002)
+    spec = Speculation(model, Request(prompt=PROMPT, max_tokens=1, draft_model=draft), None)
+    sampling = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.1)
+    tokens, cache, _, accepted, sampler = drive(model, spec, 30, sampling=sampling)
+    assert 0 < accepted
+    seq = PROMPT + tokens
+    cache_matches_fresh_prefill(model, cache, seq)
+    # The sampler's penalty state: every committed token fed, no rejected draft.
+    fresh = RowSampler(Request(prompt=PROMPT, max_tokens=30, sampling=sampling), 320)
+    for t in tokens[:-1]:
+        fresh.feed(mx.array([t], mx.uint32))
+    for ours, ref in zip(sampler.state()[1:], fresh.state()[1:], strict=True):
+        np.testing.assert_array_equal(np.array(ours), np.array(ref))
+    drafter = spec.drafter
+    fed = next(c.offset for c in drafter.cache if isinstance(c, KVCache))
+    assert fed + len(drafter.pending) == len(seq) - 1  # the pending next token is not fed
+    cache_matches_fresh_prefill(draft, drafter.cache, seq)
+
     model = semi_scripted()
-    drafter = MTPDrafter(model)
-    tokens, _, _ = run(model, drafter, 3, 30)
-    seq = mx.concatenate([PROMPT, mx.array(tokens, dtype=mx.uint32)])
-    n = drafter.cache[0].offset
+    spec = Speculation(model, Request(prompt=PROMPT, max_tokens=1, draft_model="mtp"), None)
+    tokens, *_ = drive(model, spec, 30)
+    seq = mx.array(PROMPT + tokens, mx.uint32)
+    mtp_cache = spec.drafter.cache[0]
+    n = mtp_cache.offset
     hidden = model.hidden_states(seq[None, :n])
     fresh = model.mtp.make_cache()
     model.mtp(model.embed(seq[None, 1 : n + 1]), hidden, fresh)
-    ours, ref = drafter.cache[0].state, fresh[0].state
-    assert ours[2] == ref[2] == n
-    for a, b in zip(ours[:2], ref[:2], strict=True):
+    for a, b in ((mtp_cache.keys, fresh[0].keys), (mtp_cache.values, fresh[0].values)):
         np.testing.assert_allclose(np.array(a[..., :n, :]), np.array(b[..., :n, :]), atol=1e-4)
 
 
-def test_scripted_mtp_accepts_everything(semi_scripted, tmp_path):
-    from mlx_qwen35.weights.scripted import script_model
-
+def test_scripted_mtp_accepts_everything(semi_scripted):
     model = semi_scripted()
     perm = np.random.RandomState(0).permutation(model.args.vocab_size)
     script_model(model, dict(enumerate(perm.tolist())))
-    tokens, from_draft, dec = run(model, MTPDrafter(model), 3, 41)
-    assert dec.accepted == dec.drafted and dec.rounds == 10
-    assert from_draft == [False] + [True, True, True, False] * 10
-    expect = [int(perm[int(PROMPT[-1])])]
-    while len(expect) < 41:
+    tokens, from_draft, stats, _ = generate(model, 42, draft="mtp", k=3)
+    assert stats.accepted_tokens == stats.draft_tokens == 30
+    # pending token, 3 drafts, then the round's next token is pending for the next round
+    assert from_draft == [False] + [True, True, True, False] * 10 + [False]
+    expect = [int(perm[PROMPT[-1]])]
+    while len(expect) < 42:
         expect.append(int(perm[expect[-1]]))
     assert tokens == expect
 
 
 def test_greedy_with_penalties_is_lossless(target):
-    """Processors see the drafts before each verified position, as plain decoding sees them."""
+    """Processors and penalties see the drafts before each verified position, as plain decoding
+    sees the tokens it fed."""
     model = load_model(target)
-    processors = dict(
-        logits_processors=make_logits_processors(repetition_penalty=1.5),
-        presence_processors=make_logits_processors(presence_penalty=2.0, presence_context_size=64),
-    )
-    plain = plain_greedy(model, PROMPT, 40, **processors)
-    sampling = Sampling(temp=0.0, prompt=PROMPT, **processors)
-    tokens, _, dec = run(model, ModelDrafter(noisy_copy(target, 0.002)), 3, 40, sampling)
+    sampling = SamplingParams(repetition_penalty=1.5, presence_penalty=2.0, frequency_penalty=0.5)
+    plain = plain_greedy(model, 40, sampling=sampling)
+    draft = noisy_copy(target, 0.002)
+    tokens, _, stats, _ = generate(model, 40, draft=draft, sampling=sampling)
     assert_lossless(plain, tokens)
-    assert dec.accepted > 0
+    assert stats.accepted_tokens > 0
 
 
 def test_lossless_with_emulated_metal_kernels(target, semi_scripted, monkeypatch):
@@ -206,87 +263,85 @@ def test_lossless_with_emulated_metal_kernels(target, semi_scripted, monkeypatch
     model = load_model(target)
     draft = noisy_copy(target, 0.002)
     mtp_model = semi_scripted()
-    plain = plain_greedy(model, PROMPT, 24)
-    plain_mtp = plain_greedy(mtp_model, PROMPT, 24)
+    plain = plain_greedy(model, 24)
+    plain_mtp = plain_greedy(mtp_model, 24)
     emu = emulate_metal(monkeypatch)
     monkeypatch.setenv("MLX_QWEN35_GDN_BACKEND", "metal")
-    tokens, _, dec = run(model, ModelDrafter(draft), 3, 24)
+    tokens, _, stats, _ = generate(model, 24, draft=draft)
     assert_lossless(plain, tokens)
-    assert 0 < dec.accepted < dec.drafted
-    tokens, _, dec = run(mtp_model, MTPDrafter(mtp_model), 3, 24)
+    assert 0 < stats.accepted_tokens < stats.draft_tokens
+    tokens, _, stats, _ = generate(mtp_model, 24, draft="mtp")
     assert_lossless(plain_mtp, tokens)
-    assert 0 < dec.accepted < dec.drafted
+    assert 0 < stats.accepted_tokens < stats.draft_tokens
     per_token = [c for c in emu.calls if dict(c.template).get("PerTok")]
     assert per_token, "verification must take its per-token states from the kernel"
 
 
-def cache_matches_fresh_prefill(model, cache, tokens: list[int]) -> None:
-    kv = next(c for c in cache if isinstance(c, KVCache))
-    n = kv.offset
-    assert n <= len(tokens)
-    ref = model.make_cache()
-    model(mx.array(tokens[:n])[None], cache=ref)
-    for ours, theirs in zip(cache, ref, strict=True):
-        if isinstance(ours, KVCache):
-            assert ours.offset == theirs.offset
-            np.testing.assert_allclose(
-                np.array(ours.keys[..., :n, :]), np.array(theirs.keys[..., :n, :]), atol=1e-4
-            )
-        else:
-            for i in (0, 1):
-                np.testing.assert_allclose(np.array(ours[i]), np.array(theirs[i]), atol=1e-4)
-
-
-def test_a_consumer_that_stops_mid_round_leaves_only_what_it_took(target):
-    model = load_model(target)
-    cache = model.make_cache()
-    dec = SpeculativeDecoder(
-        model,
-        PROMPT,
-        drafter=ModelDrafter(noisy_copy(target, 0.0005)),
-        num_draft_tokens=4,
-        max_tokens=40,
-        sampling=Sampling(temp=0.0),
-        cache=cache,
-    )
-    taken = []
-    it = iter(dec)
-    for token, _, _ in it:
-        taken.append(token)
-        if len(taken) == 7:
-            break
-    it.close()
-    assert dec.accepted > 3  # the stop fell inside a round with accepted drafts
-    cache_matches_fresh_prefill(model, cache, PROMPT.tolist() + taken)
-
-
 def test_a_round_is_cut_at_the_first_stop_token(semi_scripted):
+    """A stop token among the accepted drafts ends the reply there, and the state kept after the
+    reply (cache_final) holds exactly the tokens fed, as a fresh prefill would."""
     model = semi_scripted()
     perm = np.random.RandomState(0).permutation(model.args.vocab_size)
-    from mlx_qwen35.weights.scripted import script_model
-
     script_model(model, dict(enumerate(perm.tolist())))
-    chain = [int(perm[int(PROMPT[-1])])]
+    chain = [int(perm[PROMPT[-1]])]
     while len(chain) < 12:
         chain.append(int(perm[chain[-1]]))
-    cache = model.make_cache()
-    tokens, _, _ = run(model, MTPDrafter(model), 4, 30, cache=cache, stop_tokens=[chain[7]])
-    assert tokens == chain[:8]
-    cache_matches_fresh_prefill(model, cache, PROMPT.tolist() + tokens)
+    engine = Engine(model)
+    handle = engine.submit(
+        Request(
+            prompt=PROMPT,
+            max_tokens=30,
+            stop_token_ids=[chain[6]],
+            draft_model="mtp",
+            num_draft_tokens=4,
+            cache_final=True,
+        )
+    )
+    events = list(handle)
+    assert [e.token for e in events] == chain[:7]
+    assert events[-1].from_draft and events[-1].finish_reason == "stop"
+    seq = PROMPT + chain[:7]
+    entry = engine.prefix_cache.lookup(seq + [0], ())
+    assert entry is not None and entry.length == len(seq)
+    cache_matches_fresh_prefill(model, entry.make_cache(), seq)
 
 
-def test_bad_num_draft_tokens_is_one_clear_error(target):
+def test_a_speculating_row_steps_aside_in_a_batch_and_resumes(target):
+    """Two requests at once: they decode together plainly, the drafter keeps up, and when the
+    short one ends the long one speculates again; both replies equal plain decoding."""
     model = load_model(target)
+    draft = noisy_copy(target, 0.002)
+    other = np.random.RandomState(9).randint(0, 300, 7).tolist()
+    plain_long = plain_greedy(model, 40)
+    plain_short = plain_greedy(model, 10, prompt=other)
+    engine = Engine(model, prefix_cache_bytes=0)
+    long = engine.submit(Request(prompt=PROMPT, max_tokens=40, draft_model=draft))
+    short = engine.submit(Request(prompt=other, max_tokens=10))
+    events_short = list(short)
+    events_long = list(long)
+    assert_lossless(plain_short, [e.token for e in events_short])
+    assert_lossless(plain_long, [e.token for e in events_long])
+    flags = "".join("d" if e.from_draft else "." for e in events_long)
+    assert "." * 9 in flags  # one token per step while batched with the other request
+    assert "d" in flags[flags.index("." * 9) + 9 :]  # speculating again once alone
+
+
+def test_bad_speculation_settings_are_one_clear_error(target):
+    model = load_model(target)
+    engine = Engine(model)
+
+    def submit(**kwargs):
+        engine.submit(Request(prompt=PROMPT, max_tokens=4, **kwargs))
+
     for k in (0, 8, 2.5, True):
         with pytest.raises(UserError, match="num_draft_tokens must be an integer from 1 to 7"):
-            SpeculativeDecoder(
-                model,
-                PROMPT,
-                drafter=ModelDrafter(model),
-                num_draft_tokens=k,
-                max_tokens=4,
-                sampling=Sampling(temp=0.0),
-            )
+            submit(draft_model=model, num_draft_tokens=k)
+    with pytest.raises(UserError, match="no MTP head"):
+        submit(draft_model="mtp")
+    with pytest.raises(UserError, match="draft_model 'medusa'"):
+        submit(draft_model="medusa")
+    with pytest.raises(UserError, match="draft_vocab must be a positive number"):
+        submit(draft_model=model, draft_vocab=0)
 
 
 def chi2_pvalue(stat: float, df: int) -> float:
@@ -351,23 +406,33 @@ def test_speculative_sampling_has_the_target_distribution(small_target, subset):
         for key, p in joint.items():
             mass[key[1]] = mass.get(key[1], 0.0) + p
         head_ids = np.setdiff1d(np.arange(320), sorted(mass, key=mass.get)[-2:])
-    sampling = dict(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
     counts: dict[tuple[int, ...], int] = {}
     n, drafted, accepted = 1000, 0, 0
+    engine = Engine(model, prefix_cache_bytes=0)
     for seed in range(n):
-        mx.random.seed(seed)
-        tokens, _, dec = run(
-            model,
-            ModelDrafter(draft, head_ids),
-            2,
-            4,
-            Sampling(**sampling),
-            prompt=mx.array(prompt, dtype=mx.uint32),
-        )
+        sampling = SamplingParams(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed)
+        if subset:  # by hand: a draft vocabulary of chosen ids
+            spec = Speculation(model, Request(prompt=prompt, max_tokens=4, draft_model=draft), None)
+            spec.drafter = ModelDrafter(draft, head_ids)
+            spec.k = 2
+            tokens, _, d, a, _ = drive(model, spec, 4, prompt, sampling)
+        else:
+            handle = engine.submit(
+                Request(
+                    prompt=prompt,
+                    max_tokens=4,
+                    sampling=sampling,
+                    draft_model=draft,
+                    num_draft_tokens=2,
+                    stop_token_ids=(),
+                )
+            )
+            tokens = [e.token for e in handle]
+            d, a = handle.stats.draft_tokens, handle.stats.accepted_tokens
         key = tuple(tokens[:3])
         assert key in joint, f"{key} is outside the target's support"
         counts[key] = counts.get(key, 0) + 1
-        drafted, accepted = drafted + dec.drafted, accepted + dec.accepted
+        drafted, accepted = drafted + d, accepted + a
     assert 0.1 < accepted / drafted < 0.9  # both acceptance and residual draws happen
     expected = {k: p * n for k, p in joint.items()}
     small = [k for k, e in expected.items() if e < 5]

@@ -1,27 +1,31 @@
 """The two drafters of speculative decoding: the checkpoint's MTP head and a separate draft model.
 
-Both follow one protocol, driven by `speculative.py` for one sequence:
+Both follow one protocol, driven by `speculative.py` for one row of the engine:
 
-    prefill(ids, embeddings, hidden, position_ids)   one prompt chunk, in order
-    draft(token, k, propose)                          k draft tokens after `token`
-    commit(accepted, hidden)                          after verification: the first `accepted`
-                                                      drafts were kept (hidden: the target's
-                                                      hidden states of [token, kept drafts])
-`propose(head, hidden, i)` picks draft i from the draft hidden state: drafters never sample by
-themselves, so drafts and target share one sampler (and the proposer keeps the draft
-distributions that exact rejection sampling needs).
+    prefill(ids, embeddings, hidden, positions)   one prompt chunk, in order
+    observe(token, hidden, position)              a plain decode step of the row
+    draft(token, k, pick, positions)              k draft tokens after `token`
+    commit(accepted, drafts, hidden, positions)   after verification: the first `accepted` drafts
+                                                  were kept (hidden, positions: the target's, of
+                                                  [token, kept drafts])
+`pick(head, hidden)` chooses a draft token from a draft hidden state [1, H]: drafters never sample
+by themselves, so drafts and target share the row's one sampler (which also keeps the draft
+distributions that exact rejection sampling needs). Positions are the target's rotary positions
+[3, 1, T] of the tokens concerned.
 
-MTP (spec §9). Its KV cache entry p is the pair (next token x_{p+1}, target hidden h_p). Prompt
-chunks and verified tokens only queue such pairs; `draft` runs every complete pair in one forward,
-whose last output drafts d_1, and chains k - 1 more single steps on its own output. Those chained
-entries hold the MTP's hidden instead of the target's, so `commit` trims them and queues the
-verified pairs in their place: the cache always holds target-hidden pairs only.
+MTP (spec §9). Its KV cache entry j is the pair (next token x_{p+1}, target hidden h_p) at the
+target's position of p. Prompt chunks, plain steps and verified tokens only queue such pairs;
+`draft` runs every complete pair in one forward, whose last output drafts d_1, and chains k - 1
+single steps on its own output. Those chained entries hold the MTP's hidden instead of the
+target's, so `commit` trims them and queues the verified pairs in their place: the cache only ever
+holds target-hidden pairs. A row resumed from the prefix cache starts its pairs there.
 
-Draft model. Its own hybrid cache follows the committed tokens. Drafting feeds [pending..., token]
-and then d_1 .. d_{k-1}; after each step the DeltaNet (conv, recurrent) states are kept by
-reference (MLX arrays are immutable, so this copies nothing). `commit` restores the states after
-the last kept draft and trims the KV caches; when every draft was kept, d_k has not been fed yet
-and waits in `pending`.
+Draft model. Its own hybrid cache follows the committed tokens (a resumed row first feeds it the
+cached prompt, `catch_up`). Drafting feeds [pending..., token] and then d_1 .. d_{k-1}; after each
+step the DeltaNet (conv, recurrent) states are kept by reference (MLX arrays are immutable, so
+this copies nothing). `commit` restores the states after the last kept draft and trims the KV
+caches; when every draft was kept, d_k has not been fed yet and waits in `pending`. It sees token
+ids only: media features belong to the target (it just drafts worse right after an image).
 
 Both can score only a subset of the vocabulary (`head_ids`, see draft_vocab.py): verification
 uses the full head, so the output does not change, only the cost of a draft step.
@@ -39,8 +43,8 @@ from ..errors import UserError
 from ..model.cache import GatedDeltaCache, KVCache
 from ..model.cpu_fast import linear
 
-# propose(head, hidden [1, H], i) -> draft token [1]: scores the head and picks draft i.
-Propose = Callable[[Any, mx.array, int], mx.array]
+# pick(head, hidden [1, H]) -> draft token [1]
+Pick = Callable[[Any, mx.array], mx.array]
 
 
 class DraftHead:
@@ -89,86 +93,80 @@ class MTPDrafter:
     """Drafts with the target's own MTP head (`model.mtp`)."""
 
     def __init__(self, model: Any, head_ids: np.ndarray | None = None):
-        self.mtp = getattr(model, "mtp", None)
-        if self.mtp is None:
-            reason = getattr(model, "mtp_unavailable", None) or "the model has no MTP head"
-            raise UserError(f"cannot draft with the MTP head: {reason}")
+        self.mtp = model.mtp
         self.model = model
         self.head = DraftHead(model.language_model, head_ids)
         self.cache = self.mtp.make_cache()
         self._tokens: list[mx.array] = []  # embeddings [1, t, H] of queued next tokens x_{p+1}
         self._hidden: list[mx.array] = []  # target hidden states [1, t, H] of queued h_p
-        self._positions: list[mx.array] = []  # explicit positions [3, 1, t] of queued h_p
+        self._positions: list[mx.array] = []  # their positions [3, 1, t]
         self._started = False
         self._chained = 0
 
     def prefill(
-        self,
-        ids: mx.array,
-        embeddings: mx.array | None,
-        hidden: mx.array,
-        position_ids: mx.array | None,
+        self, ids: mx.array, embeddings: mx.array | None, hidden: mx.array, positions: mx.array
     ) -> None:
-        """Queue one prompt chunk (ids [T]; its target embeddings [1, T, H] when media are merged
-        in, else None; target hidden [1, T, H]; positions [3, 1, T] or None) and run the pairs
-        that are complete, so the MTP cache fills chunk by chunk with the target's."""
+        """Queue one prompt chunk (ids [T]; its embeddings [1, T, H] when media are merged in,
+        else None; target hidden [1, T, H]; positions [3, 1, T]) and run the complete pairs, so
+        the MTP cache fills chunk by chunk with the target's."""
         emb = embeddings if embeddings is not None else self.model.embed(ids[None])
         if not self._started:
-            emb = emb[:, 1:]  # x_0 is nobody's next token
+            emb = emb[:, 1:]  # the first token's own hidden predecessor is not here
             self._started = True
         self._tokens.append(emb)
-        self._hidden.append(hidden)
-        if position_ids is not None:
-            self._positions.append(position_ids)
+        self._queue(hidden, positions)
         self._run_pairs()
         mx.eval([c.state for c in self.cache])
 
-    def sync_positions(self, target_cache: list[Any]) -> None:
-        """Take the target's rotary delta (images advance positions by less than their tokens):
-        after the prompt, pair p sits at position p + rope_delta as the target's token p does."""
-        kv = next(c for c in target_cache if isinstance(c, KVCache))
-        self.cache[0].rope_delta = kv.rope_delta
+    def observe(self, token: mx.array, hidden: mx.array, position: mx.array) -> None:
+        self._tokens.append(self.model.embed(token[None]))
+        self._queue(hidden, position)
 
-    def draft(self, token: mx.array, k: int, propose: Propose) -> list[mx.array]:
+    def draft(self, token: mx.array, k: int, pick: Pick, positions: mx.array) -> list[mx.array]:
         self._tokens.append(self.model.embed(token[None]))
         o = self._run_pairs()
         drafts = []
         for i in range(k):
-            d = propose(self.head, o[:, -1], i)
+            d = pick(self.head, o[:, -1])
             drafts.append(d)
-            if i + 1 < k:
-                o = self.mtp(self.model.embed(d[None]), o[:, -1:], self.cache)
+            if i + 1 < k:  # pair (d_{i+1}, own output) at the position of the token before it
+                o = self.mtp(
+                    self.model.embed(d[None]),
+                    o[:, -1:],
+                    self.cache,
+                    position_ids=positions[..., i : i + 1],
+                )
         self._chained = k - 1
         return drafts
 
-    def commit(self, accepted: int, drafts: list[mx.array], hidden: mx.array) -> None:
+    def commit(
+        self, accepted: int, drafts: list[mx.array], hidden: mx.array, positions: mx.array
+    ) -> None:
         for c in self.cache:
             c.trim(self._chained)
         self._chained = 0
         if accepted:
             self._tokens.append(self.model.embed(mx.concatenate(drafts[:accepted])[None]))
-        self._hidden.append(hidden)
+        self._queue(hidden, positions)
 
-    def _run_pairs(self) -> mx.array:
+    def _queue(self, hidden: mx.array, positions: mx.array) -> None:
+        self._hidden.append(hidden)
+        self._positions.append(positions)
+
+    def _run_pairs(self) -> mx.array | None:
         """Run the MTP over every complete (token, hidden) pair in the queue; a hidden state
         whose next token is not known yet stays queued. Returns the output [1, n, H]."""
         emb = mx.concatenate(self._tokens, axis=1)
         hidden = mx.concatenate(self._hidden, axis=1)
+        positions = mx.concatenate(self._positions, axis=-1)
         n = emb.shape[1]
-        positions = None
-        if self._positions:  # a media prompt: all of its chunks come with positions
-            positions = mx.concatenate(self._positions, axis=-1)
         out = None
         if n:
-            out = self.mtp(
-                emb,
-                hidden[:, :n],
-                self.cache,
-                position_ids=None if positions is None else positions[..., :n],
-            )
+            out = self.mtp(emb, hidden[:, :n], self.cache, position_ids=positions[..., :n])
         self._tokens = []
-        self._hidden = [hidden[:, n:]] if hidden.shape[1] > n else []
-        self._positions = [positions[..., n:]] if positions is not None and self._hidden else []
+        rest = hidden.shape[1] > n
+        self._hidden = [hidden[:, n:]] if rest else []
+        self._positions = [positions[..., n:]] if rest else []
         return out
 
 
@@ -183,35 +181,37 @@ class ModelDrafter:
         self._snapshots: list[list[tuple[mx.array, mx.array]]] = []
         self._fed_drafts = 0
 
+    def catch_up(self, ids: list[int], step: int = 2048) -> None:
+        """Feed prompt tokens the target did not prefill (it resumed from the prefix cache)."""
+        for s in range(0, len(ids), step):
+            self.model.hidden_states(mx.array([ids[s : s + step]], mx.uint32), self.cache)
+            mx.eval([c.state for c in self.cache])
+
     def prefill(
-        self,
-        ids: mx.array,
-        embeddings: mx.array | None,
-        hidden: mx.array,
-        position_ids: mx.array | None,
+        self, ids: mx.array, embeddings: mx.array | None, hidden: mx.array, positions: mx.array
     ) -> None:
-        """Feed one prompt chunk. The draft model sees token ids only: media features belong to
-        the target (a text draft just drafts worse right after an image)."""
         self.model.hidden_states(ids[None], self.cache)
         mx.eval([c.state for c in self.cache])
 
-    def sync_positions(self, target_cache: list[Any]) -> None:
-        """Nothing to do: the draft model counts positions on its own token ids."""
+    def observe(self, token: mx.array, hidden: mx.array, position: mx.array) -> None:
+        self.pending.append(token)
 
-    def draft(self, token: mx.array, k: int, propose: Propose) -> list[mx.array]:
+    def draft(self, token: mx.array, k: int, pick: Pick, positions: mx.array) -> list[mx.array]:
         fed = mx.concatenate([*self.pending, token])
         self.pending = []
         drafts, self._snapshots = [], []
-        for i in range(k):
+        for _ in range(k):
             hidden = self.model.hidden_states(fed[None], self.cache)
             self._snapshots.append(self._gdn_states())
-            d = propose(self.head, hidden[:, -1], i)
+            d = pick(self.head, hidden[:, -1])
             drafts.append(d)
             fed = d
         self._fed_drafts = k - 1
         return drafts
 
-    def commit(self, accepted: int, drafts: list[mx.array], hidden: mx.array) -> None:
+    def commit(
+        self, accepted: int, drafts: list[mx.array], hidden: mx.array, positions: mx.array
+    ) -> None:
         if accepted > self._fed_drafts:  # every draft kept: the last one was never fed
             self.pending = [drafts[-1]]
             return

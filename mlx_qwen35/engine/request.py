@@ -128,6 +128,10 @@ class Request:
     prefill_step_size: prompt tokens per prefill chunk (default: the engine's).
     on_prefill: called as on_prefill(done, total) after each prefill chunk (a progress bar), on
         the thread that runs the engine.
+    draft_model: speculative decoding (speculative.py): "mtp" (the model's own MTP head) or a
+        draft `Model` sharing the tokenizer; None decodes plainly. The output is the same.
+    num_draft_tokens: tokens drafted per verification (1 to 7).
+    draft_vocab: let draft heads score only this many token ids (draft_vocab.py); None: all.
     """
 
     prompt: Sequence[int]
@@ -144,6 +148,9 @@ class Request:
     cache_owner: Any = None
     prefill_step_size: int | None = None
     on_prefill: Callable[[int, int], None] | None = None
+    draft_model: Any = None
+    num_draft_tokens: int = 3
+    draft_vocab: int | None = None
 
 
 class TokenEvent:
@@ -200,7 +207,8 @@ class RequestStats:
     prefilled_tokens: run through prefill (prompt - cached); generation_tokens: sampled so far;
     prompt_tps: prefilled tokens per second up to the first token; generation_tps: tokens per
     second after the first; peak_memory: GB; finish_reason: None while running, then "stop",
-    "length", "cancelled" or "error"."""
+    "length", "cancelled" or "error". Speculative decoding: draft_tokens proposed and
+    accepted_tokens kept (the acceptance rate is their ratio)."""
 
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -210,6 +218,8 @@ class RequestStats:
     generation_tps: float = 0.0
     peak_memory: float = 0.0
     finish_reason: str | None = None
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class RequestHandle:

@@ -45,6 +45,13 @@ def check_request(request: Request, model: Any) -> None:
     for s in request.media_spans:
         if len(s) < 2 or not 0 <= s[0] < s[1] <= T:
             raise UserError(f"media spans must be ranges inside the prompt, got {s!r}")
+    if request.draft_model is not None:
+        from .draft_vocab import check_draft_vocab
+        from .speculative import check_draft_model, check_num_draft_tokens
+
+        check_draft_model(request.draft_model, model)
+        check_num_draft_tokens(request.num_draft_tokens)
+        check_draft_vocab(request.draft_vocab, vocab)
     if request.prefix is not None:
         n = request.prefix.length
         if (
@@ -117,7 +124,14 @@ def _content_key(emb: mx.array, pos: mx.array | None, a: int, b: int) -> str:
 class Row:
     """A request's state from admission to its last token."""
 
-    def __init__(self, handle: RequestHandle, model: Any, stop_ids: frozenset[int], media_ids):
+    def __init__(
+        self,
+        handle: RequestHandle,
+        model: Any,
+        stop_ids: frozenset[int],
+        media_ids,
+        processor: Any = None,
+    ):
         request = handle.request
         self.handle_ref = weakref.ref(handle)
         self.stats = handle.stats
@@ -138,6 +152,11 @@ class Row:
         self.submitted = time.perf_counter()
         self.first_token_time = 0.0
         self.prefill_start = 0.0
+        self.spec = None  # speculative decoding (speculative.py)
+        if request.draft_model is not None:
+            from .speculative import Speculation
+
+            self.spec = Speculation(model, request, processor)
 
     @property
     def handle(self) -> RequestHandle | None:
@@ -164,6 +183,8 @@ class Row:
             self.cache = model.make_cache()
             self.done = 0
         self.stats.cached_tokens = self.done
+        if self.spec is not None:
+            self.spec.start(self.prompt, self.done)
         self.prefill_start = time.perf_counter()
         T = len(self.prompt)
         inside = [s for s in self.media if s.start < s.end]
@@ -189,11 +210,13 @@ class Row:
             b = min(b, self.boundaries[0])
         kwargs = self._chunk_inputs(a, b)
         inputs = None if "input_embeddings" in kwargs else mx.array([self.prompt[a:b]], mx.uint32)
+        positions = self.spec.positions(self.cache, b - a, kwargs) if self.spec else None
+        hidden = model.hidden_states(inputs, self.cache, **kwargs)
+        if self.spec is not None:  # the drafter follows the prompt chunk by chunk
+            self.spec.prefill(self.prompt[a:b], kwargs, hidden, positions)
         if b < T:
-            model.hidden_states(inputs, self.cache, **kwargs)
             mx.eval([c.state for c in self.cache])
         else:
-            hidden = model.hidden_states(inputs, self.cache, **kwargs)
             self.logits = model.language_model.logits(hidden[:, -1:, :])[:, -1, :]
         self.done = b
         self.stats.prefilled_tokens += b - a

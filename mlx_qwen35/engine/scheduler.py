@@ -41,7 +41,8 @@ from .batch_cache import extract_row, filter_rows, merge_rows
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .request import Request, RequestHandle, TokenEvent
 from .rows import Row, check_request
-from .sampling import check_prefill_step_size, sample_batch
+from .sampling import _top_logprobs, check_prefill_step_size, sample_batch
+from .speculative import decode_positions, speculative_round
 
 DEFAULT_MAX_BATCH_SIZE = 8
 # Free MLX's buffer cache every this many decode steps (as mlx-lm does), and when idle.
@@ -102,7 +103,7 @@ class Engine:
         """Queue a request; iterate the returned handle for its tokens."""
         check_request(request, self.model)
         handle = RequestHandle(self, request, next(self._uids))
-        row = Row(handle, self.model, self._stop_ids, self._media_ids)
+        row = Row(handle, self.model, self._stop_ids, self._media_ids, self.processor)
         with self._cv:
             self._waiting.append(row)
             self._cv.notify_all()
@@ -236,10 +237,15 @@ class Engine:
     def _decode(self) -> None:
         rows = self._running
         tokens, logits, top = self._pending
+        if len(rows) == 1 and rows[0].spec is not None:  # speculation: see speculative.py
+            k = rows[0].spec.budget(len(rows[0].generated), rows[0].max_tokens)
+            if k >= 1 and int(tokens[0].item()) not in rows[0].stop:
+                self._decode_speculative(rows[0], k)
+                return
         following = None
         try:
             if any(len(r.generated) + 1 < r.max_tokens for r in rows):
-                out = self.model(tokens[:, None], cache=self._cache)[:, -1, :]
+                out = self._forward(rows, tokens)
                 following = sample_batch(out, [r.sampler for r in rows], tokens)
                 mx.async_eval(
                     following[0], following[1], _arrays(following[2]), _cache_arrays(self._cache)
@@ -273,8 +279,65 @@ class Engine:
                     r.keep_final(extract_row(self._cache, i), self.prefix_cache)
             self._remove(finished)
 
+    def _forward(self, rows: list[Row], tokens: mx.array) -> mx.array:
+        """Logits [B, V] of one decode step; rows that speculate when alone are handed their
+        token and hidden state, so their drafters keep up while they decode in the batch."""
+        spec = [i for i, r in enumerate(rows) if r.spec is not None]
+        if not spec:
+            return self.model(tokens[:, None], cache=self._cache)[:, -1, :]
+        positions = decode_positions(self._cache, len(rows))
+        hidden = self.model.hidden_states(tokens[:, None], self._cache)
+        for i in spec:
+            rows[i].spec.observe(tokens[i : i + 1], hidden[i : i + 1], positions[:, i : i + 1])
+        return self.model.language_model.logits(hidden)[:, -1, :]
+
+    def _decode_speculative(self, r: Row, k: int) -> None:
+        """One speculative round of the only running row: it hands out the pending token and
+        the accepted drafts, and leaves the round's next token pending."""
+        tokens, logits, top = self._pending
+        try:
+            rnd = speculative_round(self.model, self._cache, r.spec, r.sampler, tokens, k, r.stop)
+            drafts_top = _top_logprobs(rnd.logits, [r.sampler] * rnd.logits.shape[0])
+            following = None
+            if rnd.next_token is not None:
+                nxt = rnd.logits[-1:]
+                following = (rnd.next_token, nxt, _top_logprobs(nxt, [r.sampler]))
+                mx.async_eval(following[0], following[1], _arrays(following[2]))
+            ids = tokens.tolist()
+            top_lists = (top[0].tolist(), top[1].tolist()) if top is not None else None
+            draft_top = (drafts_top[0].tolist(), drafts_top[1].tolist()) if drafts_top else None
+        except Exception as e:  # the row fails, the engine goes on
+            self._finish(r, "error", e)
+            self._running, self._cache, self._pending = [], None, None
+            return
+        r.fed += 1 + rnd.accepted
+        r.stats.draft_tokens += k
+        r.stats.accepted_tokens += rnd.accepted
+        now = time.perf_counter()
+        with self._cv:
+            reason = self._emit(r, 0, ids[0], logits, top_lists, now)
+            for j, token in enumerate(rnd.tokens):
+                if reason is not None:
+                    break
+                reason = self._emit(r, j, token, rnd.logits, draft_top, now, from_draft=True)
+        self._steps += 1
+        self._pending = following
+        if reason is not None or r.sampler.error is not None:
+            if r.sampler.error is not None and r.handle is not None and not r.handle.finished:
+                self._finish(r, "error", r.sampler.error)
+            elif r.request.cache_final:
+                r.keep_final(self._cache, self.prefix_cache)
+            self._remove([0])
+
     def _emit(
-        self, r: Row, i: int, token: int, logits: mx.array, top: Any, now: float
+        self,
+        r: Row,
+        i: int,
+        token: int,
+        logits: mx.array,
+        top: Any,
+        now: float,
+        from_draft: bool = False,
     ) -> str | None:
         r.generated.append(token)
         n = len(r.generated)
@@ -293,7 +356,8 @@ class Engine:
             top_logprobs = list(zip(top[0][i][:k], top[1][i][:k], strict=True))
         handle = r.handle
         if handle is not None:
-            handle._push(TokenEvent(token, None, top_logprobs, False, reason, logits=(logits, i)))
+            event = TokenEvent(token, None, top_logprobs, from_draft, reason, logits=(logits, i))
+            handle._push(event)
             if reason is not None:
                 handle._finish(reason)
         return reason

@@ -1,11 +1,9 @@
-"""Speculative decoding for one sequence: draft k tokens, verify k + 1 in one target forward, keep
-the longest acceptable prefix, roll every cache back to it.
+"""Speculative decoding as a decode strategy of the engine: draft k tokens, verify k + 1 in one
+target forward, keep the longest acceptable prefix, roll every cache back to it.
 
-    for token, logprobs, from_draft in SpeculativeDecoder(model, prompt, drafter=MTPDrafter(model),
-                                                          num_draft_tokens=3, ...):
-
-A round, after the committed tokens ... x_n (x_n sampled, not yet fed to the target):
-1. the drafter proposes d_1 .. d_k (drafters.py), each through `Sampling.propose`;
+A request asks for it with `Request(draft_model="mtp" | Model, num_draft_tokens=k)`. A round,
+after the committed tokens ... x_n (x_n sampled, not yet fed to the target):
+1. the drafter proposes d_1 .. d_k (drafters.py), each picked by the row's own sampler;
 2. the target runs [x_n, d_1 .. d_k] once, its DeltaNet layers recording the state after every
    token (`GatedDeltaCache.record_steps`), and gives the distributions p_0 .. p_k;
 3. acceptance. Greedy: the longest prefix with d_i = argmax p_{i-1}; the next token is
@@ -16,24 +14,35 @@ A round, after the committed tokens ... x_n (x_n sampled, not yet fed to the tar
 4. rollback to [x_n, d_1 .. d_a]: KV caches trimmed by k - a, DeltaNet recurrent and conv states
    taken from the recorded per-token states (no re-prefill), the drafter's caches realigned.
 Greedy output is the plain greedy output token for token (up to the last-bit differences between
-a T = k + 1 forward and k + 1 single-token ones). p and q are the *processed* distributions:
-logits processors (penalties) see the committed tokens plus the drafts before each position, and
-top-k / top-p / min-p / temperature shape both, exactly as the plain sampler draws.
+a T = k + 1 forward and k + 1 single-token ones). p and q are the row sampler's own laws
+(`RowSampler.distribution`): logits processors and penalties see the committed tokens plus the
+drafts before each position (processors must be functions of the tokens they are given, as
+mlx-lm's are), then top-k / top-p / min-p and the temperature, exactly as a plain step draws; a
+seeded request draws every random number of a round from its own key.
 
-The caches never hold a token the consumer has not seen: a round is cut at the first stop token,
-and a consumer that stops iterating mid-round gets the caches rolled back to what it took.
+When it steps aside (the engine's rule, scheduler.py): a request speculates while it is the only
+row decoding. With several rows every row decodes plainly in the shared batch: batching already
+spends the memory bandwidth that speculation saves, and rows accept different numbers of drafts,
+which the batch's common KV index cannot follow. Its drafter keeps up with the plain steps
+(`Speculation.observe`), so speculation resumes as soon as the row is alone again. A round never
+drafts past max_tokens, is cut at the first stop token, and leaves the caches holding exactly the
+emitted tokens that were fed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import UserError
-from ..model.cache import GatedDeltaCache, KVCache
+from ..model.cache import GatedDeltaCache, KVCache, owned_copy
 from ..model.gated_delta.dispatch import MAX_PER_TOKEN_STATES_T
+from .draft_vocab import check_draft_vocab, draft_vocab_ids
+from .drafters import ModelDrafter, MTPDrafter
+from .sampling import RowSampler, _adjusted
 
 # A verify call carries the last token plus the drafts, and per-token states cover up to 8 tokens.
 MAX_DRAFT_TOKENS = MAX_PER_TOKEN_STATES_T - 1
@@ -47,259 +56,204 @@ def check_num_draft_tokens(k: Any) -> int:
     return k
 
 
-class Sampling:
-    """The distributions a token is drawn from, for plain and speculative steps alike.
-
-    `logprobs(logits, drafted)`: log-softmax of the logits after the logits processors, which see
-    the committed tokens plus `drafted` (what a plain step reports as the token's logprobs).
-    `shape(logprobs)`: the distribution a token is actually drawn from: top-p, min-p and top-k
-    filters (as mlx-lm's sampler applies them, in that order), then the temperature, normalized.
-    """
-
-    def __init__(
-        self,
-        *,
-        temp: float,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        logits_processors: Sequence[Any] = (),
-        presence_processors: Sequence[Any] = (),
-        prompt: mx.array | None = None,
-    ):
-        self.temp = temp
-        self.greedy = temp == 0
-        self.top_p, self.top_k, self.min_p = top_p, top_k, min_p
-        self.logits_processors = list(logits_processors)
-        self.presence_processors = list(presence_processors)
-        self.history = prompt if self.logits_processors else None
-        self.generated: mx.array | None = None
-        self.plain = not self.logits_processors and not self.presence_processors
-
-    def append(self, tokens: mx.array) -> None:
-        """Commit tokens [n] to the context the processors see."""
-        if self.history is not None:
-            self.history = mx.concatenate([self.history, tokens])
-        if self.presence_processors:
-            self.generated = (
-                tokens if self.generated is None else mx.concatenate([self.generated, tokens])
+def check_draft_model(draft: Any, model: Any) -> None:
+    """Raise UserError unless `draft` can draft for `model` ("mtp", a Model, or None)."""
+    if draft is None:
+        return
+    if isinstance(draft, str):
+        if draft != "mtp":
+            raise UserError(
+                f"draft_model {draft!r}: pass 'mtp' (the model's MTP head), a loaded draft "
+                "Model, or a checkpoint path to the front door that loads it"
             )
-
-    def logprobs(self, logits: mx.array, drafted: Sequence[mx.array] = ()) -> mx.array:
-        """[1, V] log-probabilities after the processors, with `drafted` as extra context."""
-        if self.logits_processors:
-            history = mx.concatenate([self.history, *drafted]) if drafted else self.history
-            for processor in self.logits_processors:
-                logits = processor(history, logits)
-        if self.presence_processors:
-            parts = ([self.generated] if self.generated is not None else []) + list(drafted)
-            if parts:
-                generated = mx.concatenate(parts) if len(parts) > 1 else parts[0]
-                for processor in self.presence_processors:
-                    logits = processor(generated, logits)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-    def shape(self, logprobs: mx.array) -> mx.array:
-        """The normalized log-distribution [n, V] tokens are drawn from (not for greedy)."""
-        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-        if 0 < self.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self.top_p)
-        if self.min_p != 0.0:
-            logprobs = apply_min_p(logprobs, self.min_p)
-        if self.top_k > 0:
-            logprobs = apply_top_k(logprobs, self.top_k)
-        scaled = logprobs * (1 / self.temp)
-        return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-
-    def sample(self, logprobs: mx.array) -> mx.array:
-        """A token [n] from each row of processed logprobs [n, V] (argmax when greedy)."""
-        if self.greedy:
-            return mx.argmax(logprobs, axis=-1)
-        return mx.random.categorical(self.shape(logprobs))
+        if getattr(model, "mtp", None) is None:
+            reason = getattr(model, "mtp_unavailable", None) or "the model has no MTP head"
+            raise UserError(f"cannot draft with the MTP head: {reason}")
+        return
+    if not hasattr(draft, "make_cache") or not hasattr(draft, "language_model"):
+        raise UserError("draft_model must be 'mtp' or a Qwen3.5 Model (mlx_qwen35.load)")
+    if draft.args.vocab_size != model.args.vocab_size:
+        raise UserError(
+            f"the draft model has {draft.args.vocab_size} vocabulary rows, the target "
+            f"{model.args.vocab_size}; use a draft of the same family (same tokenizer)"
+        )
 
 
-class _Proposer:
-    """Picks drafts for one round and keeps what acceptance needs: the draft tokens and, when
-    sampling, their processed distributions q."""
+def head_ids(model: Any, processor: Any, n: int | None) -> np.ndarray | None:
+    """The draft vocabulary of `n` ids for this model's tokenizer (None: the whole head).
+    Without a processor (no tokenizer) the first n ids: Qwen's ids follow its merge order."""
+    n = check_draft_vocab(n, model.args.vocab_size)
+    if n is None:
+        return None
+    cache = vars(model).setdefault("_mlx_qwen35_draft_vocab", {})
+    if n not in cache:
+        tokenizer = getattr(processor, "tokenizer", None)
+        cache[n] = (
+            np.arange(n, dtype=np.int32)
+            if tokenizer is None
+            else draft_vocab_ids(
+                tokenizer, n, model.args.vocab_size, getattr(processor, "model_dir", None)
+            )
+        )
+    return cache[n]
 
-    def __init__(self, sampling: Sampling):
-        self.sampling = sampling
-        self.drafts: list[mx.array] = []
+
+class Speculation:
+    """One request's speculative decoding: its drafter and draft count."""
+
+    def __init__(self, model: Any, request: Any, processor: Any):
+        self.k = request.num_draft_tokens
+        ids = head_ids(model, processor, request.draft_vocab)
+        draft = request.draft_model
+        self.drafter = MTPDrafter(model, ids) if draft == "mtp" else ModelDrafter(draft, ids)
+
+    def start(self, prompt: list[int], done: int) -> None:
+        """The row resumes after `done` prompt tokens (prefix cache): a draft model feeds them
+        itself; the MTP head starts its pairs at the resume point."""
+        if done and isinstance(self.drafter, ModelDrafter):
+            self.drafter.catch_up(prompt[:done])
+
+    def positions(self, cache: list[Any], T: int, kwargs: dict) -> mx.array:
+        """The target's positions [3, 1, T] of the next prompt chunk (before it runs)."""
+        given = kwargs.get("position_ids")
+        return given if given is not None else _positions(cache, T)
+
+    def prefill(self, ids: list[int], kwargs: dict, hidden: mx.array, positions: mx.array) -> None:
+        """One prompt chunk: its ids, the target's inputs (merged media embeddings), hidden
+        states [1, T, H] and positions [3, 1, T]."""
+        self.drafter.prefill(
+            mx.array(ids, mx.uint32), kwargs.get("input_embeddings"), hidden, positions
+        )
+
+    def observe(self, token: mx.array, hidden: mx.array, position: mx.array) -> None:
+        """A plain decode step of this row: `token` [1] was fed at `position` [3, 1, 1] and gave
+        the target's hidden state [1, 1, H]."""
+        self.drafter.observe(token, hidden, position)
+
+    def budget(self, generated: int, max_tokens: int) -> int:
+        """Drafts for the next round: a round emits the pending token, up to k drafts, and leaves
+        the next token pending, all within max_tokens."""
+        return min(self.k, max_tokens - generated - 2)
+
+
+@dataclass
+class Round:
+    """What one round produced. tokens: the accepted drafts (all emitted now; cut after a stop
+    token); accepted: how many; logits [len(tokens) + 1, V]: the adjusted logits each accepted
+    draft and then the next token were drawn from; next_token [1]: the token now pending (not fed;
+    None when the round was cut at a stop token)."""
+
+    tokens: list[int]
+    accepted: int
+    logits: mx.array
+    next_token: mx.array | None
+
+
+def speculative_round(
+    model: Any,
+    cache: list[Any],
+    spec: Speculation,
+    sampler: RowSampler,
+    token: mx.array,
+    k: int,
+    stop: frozenset[int],
+) -> Round:
+    """Draft k tokens after `token` [1] (the row's pending token), verify, accept, roll back.
+    `cache`: the row's target cache (a batch of one). The sampler ends fed with the kept tokens."""
+    picker = _Picker(sampler)
+    sampler.feed(token)
+    picker.states.append(sampler.state())
+    position = _positions(cache, k + 1)
+    drafts = spec.drafter.draft(token, k, picker, position)
+    gdn = [c for c in cache if isinstance(c, GatedDeltaCache)]
+    for c in gdn:
+        c.record_steps = True
+    try:
+        hidden = model.hidden_states(mx.concatenate([token, *drafts])[None], cache)
+    finally:
+        for c in gdn:
+            c.record_steps = False
+    logits = model.language_model.logits(hidden)[0].astype(mx.float32)  # [k + 1, V]
+    if sampler.adjusts_logits:
+        adjusted = []
+        for i in range(k + 1):
+            sampler.restore(picker.states[i])
+            adjusted.append(_adjusted(sampler, logits[i : i + 1]))
+        logits = mx.concatenate(adjusted)
+    d = mx.concatenate(drafts)
+    if sampler.greedy:
+        candidates = mx.argmax(logits, axis=-1)
+        ok = candidates[:k] == d
+    else:
+        p = mx.exp(sampler.distribution(logits))  # [k + 1, V]
+        q = mx.exp(mx.concatenate(picker.q))  # [k, V]
+        rows = mx.arange(k)
+        ok = sampler.uniform(k) * q[rows, d] < p[rows, d]  # probability min(1, p / q)
+        residual = mx.maximum(p[:k] - q, 0.0)
+        # p == q leaves no residual (and then rejection has probability 0): fall back to p.
+        residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p[:k])
+        candidates = sampler.draw(mx.log(mx.concatenate([residual, p[k:]])))
+    n_ok = mx.cumprod(ok.astype(mx.int32)).sum()
+    mx.eval(n_ok, candidates, d, logits)
+    a = int(n_ok.item())
+    tokens = d[:a].tolist()
+    cut = next((j for j, t in enumerate(tokens) if t in stop), None)
+    if cut is not None:
+        a, tokens = cut + 1, tokens[: cut + 1]
+    _rewind(cache, [c.steps for c in gdn], keep=a + 1, held=k + 1)
+    spec.drafter.commit(a, drafts, hidden[:, : a + 1], position[..., : a + 1])
+    sampler.restore(picker.states[a])
+    next_token = None if cut is not None else candidates[a : a + 1].astype(mx.uint32)
+    return Round(tokens, a, logits[: a + 1], next_token)
+
+
+class _Picker:
+    """Picks the drafts of one round with the row's sampler, feeding each to it (so that the
+    next draft and the verification see it) and keeping, when sampling, each draft law q."""
+
+    def __init__(self, sampler: RowSampler):
+        self.sampler = sampler
+        self.states: list[Any] = []
         self.q: list[mx.array] = []
 
-    def __call__(self, head: Any, hidden: mx.array, i: int) -> mx.array:
-        s = self.sampling
-        logits = head(hidden)
-        if s.greedy and s.plain:  # the argmax needs no full-vocabulary row
+    def __call__(self, head: Any, hidden: mx.array) -> mx.array:
+        s = self.sampler
+        logits = head(hidden).astype(mx.float32)
+        if s.greedy and not s.adjusts_logits:  # the argmax needs no full-vocabulary row
             idx = mx.argmax(logits, axis=-1)
             d = head.ids[idx] if head.ids is not None else idx
         else:
-            lp = s.logprobs(head.full(logits), self.drafts)
+            adjusted = _adjusted(s, head.full(logits))
             if s.greedy:
-                d = mx.argmax(lp, axis=-1)
+                d = mx.argmax(adjusted, axis=-1)
             else:
-                q = s.shape(lp)
-                d = mx.random.categorical(q)
+                q = s.distribution(adjusted)
+                d = s.draw(q)
                 self.q.append(q)
         d = d.astype(mx.uint32)
-        self.drafts.append(d)
+        s.feed(d)
+        self.states.append(s.state())
         return d
 
 
-class SpeculativeDecoder:
-    """Iterate for (token, logprobs [V], from_draft). `drafted` / `accepted` count draft tokens
-    proposed and kept (acceptance rate = accepted / drafted).
+def _positions(cache: list[Any], T: int, batch: int = 1) -> mx.array:
+    """Rotary positions [3, batch, T] of the next T tokens of each row of a target cache."""
+    kv = next((c for c in cache if isinstance(c, KVCache)), None)
+    start = mx.array([kv.offset if kv is not None else 0])
+    if kv is not None and kv.rope_delta is not None:
+        start = start + kv.rope_delta.astype(mx.int32)
+    pos = mx.broadcast_to(start[:, None] + mx.arange(T)[None], (batch, T))
+    return mx.broadcast_to(pos[None], (3, batch, T))
 
-    Arguments as `generate_step`'s, plus the drafter (drafters.py), `num_draft_tokens` k and
-    `stop_tokens` (a round is cut after the first one). The first token comes from the prompt's
-    logits as in plain decoding; rounds then emit 1 to k + 1 tokens each.
-    """
 
-    def __init__(
-        self,
-        model: Any,
-        prompt: mx.array,
-        *,
-        drafter: Any,
-        num_draft_tokens: int,
-        max_tokens: int,
-        sampling: Sampling,
-        prefill_step_size: int = 2048,
-        cache: list[Any] | None = None,
-        on_prefill: Any = None,
-        input_embeddings: mx.array | None = None,
-        position_ids: mx.array | None = None,
-        stop_tokens: Sequence[int] = (),
-    ):
-        self.model = model
-        self.prompt = prompt
-        self.drafter = drafter
-        self.k = check_num_draft_tokens(num_draft_tokens)
-        self.max_tokens = max_tokens
-        self.sampling = sampling
-        self.prefill_step_size = prefill_step_size
-        self.cache = model.make_cache() if cache is None else cache
-        self.on_prefill = on_prefill
-        self.input_embeddings = input_embeddings
-        self.position_ids = position_ids
-        self.stop_tokens = set(stop_tokens)
-        self.drafted = 0
-        self.accepted = 0
-        self.rounds = 0
-
-    def __iter__(self) -> Iterator[tuple[int, mx.array, bool]]:
-        token, logprobs = self._prefill()
-        self.sampling.append(token)
-        remaining = self.max_tokens - 1
-        yield int(token.item()), logprobs[0], False
-        if int(token.item()) in self.stop_tokens:
-            return
-        while remaining > 0:
-            k = min(self.k, remaining - 1)
-            if k == 0:  # one token left: a draft could not be kept anyway
-                logits = self.model(token[None], cache=self.cache)[:, -1, :]
-                lp = self.sampling.logprobs(logits)
-                yield int(self.sampling.sample(lp).item()), lp[0], False
-                return
-            emitted, lps, a, steps = self._round(token, k)
-            remaining -= len(emitted)
-            for j, tok in enumerate(emitted):
-                try:
-                    yield tok, lps[j], j < a
-                except GeneratorExit:
-                    # Stopped after emitted[j]: keep only what the consumer took.
-                    _rewind(self.cache, steps, keep=j + 2, held=a + 1)
-                    raise
-                if tok in self.stop_tokens:
-                    return
-            token = mx.array([emitted[-1]], dtype=mx.uint32)
-
-    def _prefill(self) -> tuple[mx.array, mx.array]:
-        prompt, step = self.prompt, self.prefill_step_size
-        emb, pos = self.input_embeddings, self.position_ids
-        if emb is not None:
-            mx.eval(emb)
-        hidden = None
-        with_media = emb is not None
-        for s in range(0, prompt.size, step):
-            e = min(s + step, prompt.size)
-            kwargs = {}
-            if emb is not None:
-                kwargs["input_embeddings"] = emb[:, s:e]
-            if pos is not None:
-                kwargs["position_ids"] = pos[..., s:e]
-            hidden = self.model.hidden_states(prompt[None, s:e], self.cache, **kwargs)
-            self.drafter.prefill(
-                prompt[s:e],
-                emb[:, s:e] if with_media else None,
-                hidden,
-                pos[..., s:e] if pos is not None else None,
-            )
-            mx.eval([c.state for c in self.cache])
-            if self.on_prefill is not None:
-                self.on_prefill(e - s)
-        self.drafter.sync_positions(self.cache)
-        logits = self.model.language_model.logits(hidden[:, -1:, :])[:, -1, :]
-        logprobs = self.sampling.logprobs(logits)
-        token = self.sampling.sample(logprobs).astype(mx.uint32)
-        mx.eval(token, logprobs)
-        return token, logprobs
-
-    def _round(self, token: mx.array, k: int):
-        s = self.sampling
-        proposer = _Proposer(s)
-        drafts = self.drafter.draft(token, k, proposer)
-        gdn = [c for c in self.cache if isinstance(c, GatedDeltaCache)]
-        for c in gdn:
-            c.record_steps = True
-        try:
-            hidden = self.model.hidden_states(mx.concatenate([token, *drafts])[None], self.cache)
-        finally:
-            for c in gdn:
-                c.record_steps = False
-        logits = self.model.language_model.logits(hidden)[0]  # [k + 1, V]
-        if s.plain:
-            lps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        else:
-            lps = mx.concatenate([s.logprobs(logits[i : i + 1], drafts[:i]) for i in range(k + 1)])
-        d = mx.concatenate(drafts)
-        if s.greedy:
-            best = mx.argmax(lps, axis=-1)
-            ok = best[:k] == d
-            candidates = best  # the next token after a accepted drafts
-        else:
-            p = mx.exp(s.shape(lps))  # [k + 1, V]
-            q = mx.exp(mx.concatenate(proposer.q))  # [k, V]
-            rows = mx.arange(k)
-            u = mx.random.uniform(shape=(k,))
-            ok = u * q[rows, d] < p[rows, d]  # accept with probability min(1, p / q)
-            residual = mx.maximum(p[:k] - q, 0.0)
-            # p == q leaves no residual (and then rejection has probability 0): fall back to p.
-            residual = mx.where(residual.sum(-1, keepdims=True) > 0, residual, p[:k])
-            candidates = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])))
-        n_ok = mx.cumprod(ok.astype(mx.int32)).sum()
-        mx.eval(n_ok, candidates, d, lps)
-        a = int(n_ok.item())
-        emitted = d[:a].tolist() + [int(candidates[a].item())]
-        cut = next((j for j, t in enumerate(emitted) if t in self.stop_tokens), None)
-        if cut is not None and cut < a:
-            a, emitted = cut + 1, emitted[: cut + 1]  # the stop token is a kept draft
-        steps = [c.steps for c in gdn]
-        _rewind(self.cache, steps, keep=a + 1, held=k + 1)
-        self.drafter.commit(a, drafts, hidden[:, : a + 1])
-        self.drafted += k
-        self.accepted += a
-        self.rounds += 1
-        s.append(mx.array(emitted, dtype=mx.uint32))
-        return emitted, [lps[j] for j in range(len(emitted))], a, steps
+def decode_positions(cache: list[Any], batch: int) -> mx.array:
+    """Positions [3, batch, 1] the batch's next decode step feeds (one token per row)."""
+    return _positions(cache, 1, batch)
 
 
 def _rewind(cache: list[Any], steps: list[Any], *, keep: int, held: int) -> None:
     """Roll the target cache back from `held` tokens of the last verify call to its first
     `keep`: KV caches trimmed, DeltaNet states from the recorded per-token states."""
-    if keep >= held:
-        return
     linear = iter(steps)
     for c in cache:
         if isinstance(c, KVCache):
@@ -307,3 +261,33 @@ def _rewind(cache: list[Any], steps: list[Any], *, keep: int, held: int) -> None
         elif isinstance(c, GatedDeltaCache):
             c.steps = next(linear)
             c.keep_steps(keep)
+            # Own buffers: a view would keep every recorded state alive and alter later bits.
+            c[0], c[1] = owned_copy(c[0]), owned_copy(c[1])
+
+
+_loaded: dict[str, Any] = {}  # the last draft checkpoint a front door loaded, by resolved path
+
+
+def resolve_draft_model(draft: Any, model: Any, processor: Any) -> Any:
+    """What a front door's `draft_model=` names, as a Request takes it: None, "mtp", a Model,
+    or a checkpoint (path or Hub id: loaded once and kept, its tokenizer checked)."""
+    if (
+        draft is None
+        or draft == "mtp"
+        or not isinstance(draft, (str, bytes))
+        and not hasattr(draft, "__fspath__")
+    ):
+        check_draft_model(draft, model)
+        return draft
+    from ..weights.loading import load, resolve_model_path
+    from .drafters import check_same_tokenizer
+
+    path = str(resolve_model_path(draft))
+    if path not in _loaded:
+        _loaded.clear()
+        _loaded[path] = load(path)
+    draft_model, draft_processor = _loaded[path]
+    if processor is not None:
+        check_same_tokenizer(processor, draft_processor, str(draft))
+    check_draft_model(draft_model, model)
+    return draft_model
