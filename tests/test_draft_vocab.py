@@ -17,8 +17,9 @@ from mlx_qwen35.engine.draft_vocab import (
     merge_order,
     write_draft_vocab,
 )
-from mlx_qwen35.engine.drafters import DraftHead, MTPDrafter
-from mlx_qwen35.engine.speculative import Sampling, SpeculativeDecoder
+from mlx_qwen35.engine.drafters import DraftHead
+from mlx_qwen35.engine.request import Request
+from mlx_qwen35.engine.scheduler import Engine
 from mlx_qwen35.errors import UserError
 from mlx_qwen35.weights.loading import load, resolve_model_path
 from mlx_qwen35.weights.scripted import script_model
@@ -32,7 +33,7 @@ def tiny():
 def test_merge_order_puts_bytes_then_early_merges_first(tiny):
     _, processor = tiny
     tok = processor.tokenizer
-    data = json.loads(tok._tokenizer.backend_tokenizer.to_str())["model"]
+    data = json.loads(tok.backend.to_str())["model"]
     vocab, merges = data["vocab"], data["merges"]
     order = merge_order(tok)
     first_merge = vocab["".join(merges[0])] if isinstance(merges[0], list) else None
@@ -62,12 +63,13 @@ def test_a_frequency_file_wins_over_merge_order(tiny, tmp_path):
     counts = Counter(t for text in texts for t in tok.encode(text, add_special_tokens=False))
     assert ranked[0] == counts.most_common(1)[0][0]
     # then every other id (added tokens are always included anyway)
-    assert set(ranked) | set(tok.added_tokens_decoder) == set(tok.get_vocab().values())
-    ids = draft_vocab_ids(local_tok, 4, 704)
+    added = set(tok.backend.get_added_tokens_decoder())
+    assert set(ranked) | added == set(tok.get_vocab().values())
+    ids = draft_vocab_ids(local_tok, 4, 704, local)
     assert set(ranked[:4]) <= set(ids.tolist())
     path.write_text("{not json")
     with pytest.raises(UserError, match="unreadable draft vocabulary"):
-        draft_vocab_ids(local_tok, 4, 704)
+        draft_vocab_ids(local_tok, 4, 704, local)
     with pytest.raises(UserError, match="no text"):
         write_draft_vocab(local, local_tok, [""])
 
@@ -99,19 +101,15 @@ def test_draft_vocab_changes_cost_not_output(tiny):
     V = model.args.vocab_size
     perm = np.random.RandomState(0).permutation(V)
     script_model(model, dict(enumerate(perm.tolist())))
-    prompt = mx.array([5, 6, 7], dtype=mx.uint32)
     outs, rates = [], []
-    for ids in (None, np.arange(V // 2, dtype=np.int32)):
-        dec = SpeculativeDecoder(
-            model,
-            prompt,
-            drafter=MTPDrafter(model, ids),
-            num_draft_tokens=3,
-            max_tokens=40,
-            sampling=Sampling(temp=0.0),
+    engine = Engine(model, processor, prefix_cache_bytes=0)
+    for n in (None, V // 2):
+        request = Request(
+            prompt=[5, 6, 7], max_tokens=40, draft_model="mtp", draft_vocab=n, stop_token_ids=()
         )
-        outs.append([t for t, _, _ in dec])
-        rates.append(dec.accepted / dec.drafted)
+        handle = engine.submit(request)
+        outs.append([e.token for e in handle])
+        rates.append(handle.stats.accepted_tokens / handle.stats.draft_tokens)
     assert outs[0] == outs[1]
     assert rates[0] == 1.0 and 0.1 < rates[1] < 0.9
 
@@ -149,7 +147,7 @@ def test_the_converter_writes_the_frequency_file(tmp_path):
     lines = corpus.read_text().splitlines()
     counts = Counter(t for line in lines for t in tok.encode(line, add_special_tokens=False))
     assert ranked[0] == counts.most_common(1)[0][0]
-    assert set(ranked[:2]) <= set(draft_vocab_ids(tok, 2, 704).tolist())
+    assert set(ranked[:2]) <= set(draft_vocab_ids(tok, 2, 704, out).tolist())
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(UserError, match="cannot read it as UTF-8"):

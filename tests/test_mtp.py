@@ -15,6 +15,7 @@ from mtp_fixture import with_mtp
 from safetensors.numpy import load_file
 
 from mlx_qwen35.engine.drafters import MTPDrafter
+from mlx_qwen35.engine.speculative import check_draft_model
 from mlx_qwen35.errors import UserError
 from mlx_qwen35.weights.convert import convert
 from mlx_qwen35.weights.loading import load_model
@@ -96,14 +97,17 @@ def test_drafter_prefill_then_draft_gives_the_reference_draft(mtp_checkpoint):
     drafter = MTPDrafter(model)
     cache = model.make_cache()
     for s, e in ((0, 5), (5, 11), (11, prompt.size)):
-        drafter.prefill(prompt[s:e], None, model.hidden_states(prompt[None, s:e], cache), None)
+        positions = mx.broadcast_to(mx.arange(s, e)[None, None], (3, 1, e - s))
+        hidden = model.hidden_states(prompt[None, s:e], cache)
+        drafter.prefill(prompt[s:e], None, hidden, positions)
     seen = []
 
-    def propose(head, hidden, i):
+    def pick(head, hidden):
         seen.append(np.array(head(hidden)))
         return mx.argmax(head(hidden), axis=-1).astype(mx.uint32)
 
-    drafts = drafter.draft(sampled, 3, propose)
+    n = prompt.size
+    drafts = drafter.draft(sampled, 3, pick, mx.broadcast_to(mx.arange(n, n + 4), (3, 1, 4)))
     ref = reference_mtp_logits(hf, path, IDS)
     np.testing.assert_allclose(seen[0][0], ref[0, -1], rtol=0, atol=1e-4 * np.abs(ref).max())
     # A chain computed directly: pair p = (x_{p+1}, h_p) for the whole prompt, then own outputs.
@@ -137,7 +141,7 @@ def test_mtp_loads_from_our_converted_and_quantized_checkpoints(mtp_checkpoint, 
 def test_checkpoints_without_a_usable_head_say_why(mtp_checkpoint, hf_checkpoint, tmp_path):
     _, plain = hf_checkpoint("base")
     with pytest.raises(UserError, match="no MTP head.*mlx_qwen35.convert"):
-        MTPDrafter(load_model(plain))
+        check_draft_model("mtp", load_model(plain))
     _, path = mtp_checkpoint
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
@@ -149,9 +153,9 @@ def test_checkpoints_without_a_usable_head_say_why(mtp_checkpoint, hf_checkpoint
     model = load_model(broken)  # plain decoding still works
     assert model(mx.array(IDS)).shape == (1, IDS.shape[1], 320)
     with pytest.raises(UserError, match="incomplete.*mtp.layers.0.mlp.up_proj.weight"):
-        MTPDrafter(model)
+        check_draft_model("mtp", model)
     config = json.loads((broken / "config.json").read_text())
     config["text_config"]["mtp_num_hidden_layers"] = 2
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="mtp_num_hidden_layers 2"):
-        MTPDrafter(load_model(broken))
+        check_draft_model("mtp", load_model(broken))

@@ -178,7 +178,12 @@ class ChatApp:
                 f"[prompt {result.prompt_tokens} tokens: {result.reused_tokens} reused, "
                 f"{result.prefilled_tokens} prefilled, {result.prompt_tps:.1f} tok/s | "
                 f"{result.generation_tokens} generated, {result.generation_tps:.1f} tok/s | "
-                f"peak {result.peak_memory:.2f} GB]"
+                f"peak {result.peak_memory:.2f} GB"
+                + (
+                    f" | drafts {result.accepted_tokens}/{result.draft_tokens} accepted]"
+                    if result.draft_tokens
+                    else "]"
+                )
             )
         return result
 
@@ -280,7 +285,12 @@ def _input_lines(prompt: str) -> Any:
     default=None,
     help="Cache snapshots kept for reuse between turns [4].",
 )
-@click.option("--verbose", is_flag=True, help="Print token counts, speed and memory per reply.")
+@cli.speculative_options
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Print token counts, speed, memory (and draft acceptance) per reply.",
+)
 def main(
     model: str,
     system: str | None,
@@ -303,6 +313,9 @@ def main(
     dtype: str | None,
     prefill_step_size: int,
     max_snapshots: int | None,
+    draft_model: str | None,
+    num_draft_tokens: int,
+    draft_vocab: int | None,
     verbose: bool,
 ) -> None:
     """Chat with a Qwen3.5 model in the terminal (/help lists the commands)."""
@@ -322,7 +335,11 @@ def main(
         "enable_thinking": think,
         "thinking_budget": thinking_budget,
         "max_snapshots": max_snapshots,
+        "draft_model": draft_model,
+        "draft_vocab": draft_vocab,
     }
+    if draft_model is not None:
+        given["num_draft_tokens"] = num_draft_tokens
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
         if system is not None:
@@ -345,6 +362,7 @@ def main(
             seed=seed,
         )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
+        cli.check_speculative(draft_model, num_draft_tokens, draft_vocab)
         qwen, processor = load(model, dtype=dtype)
         processor = apply_media_options(
             processor, fps=fps, max_pixels=max_pixels, max_frames=max_frames

@@ -37,7 +37,12 @@ DEFAULT_PROMPT = "hello"
 @cli.think_option
 @cli.dtype_option
 @cli.prefill_step_size_option("Prompt tokens per prefill step (bounds memory for long prompts).")
-@click.option("--verbose", is_flag=True, help="Print prompt/generation speed and peak memory.")
+@cli.speculative_options
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Print prompt/generation speed, peak memory (and the draft acceptance rate).",
+)
 def main(
     model: str,
     prompt: str,
@@ -58,6 +63,9 @@ def main(
     think: bool | None,
     dtype: str | None,
     prefill_step_size: int,
+    draft_model: str | None,
+    num_draft_tokens: int,
+    draft_vocab: int | None,
     verbose: bool,
 ) -> None:
     """Generate a reply from a Qwen3.5 model, streaming it to stdout."""
@@ -85,6 +93,7 @@ def main(
             max_tokens=max_tokens, prefill_step_size=prefill_step_size, seed=seed, **sampling
         )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
+        cli.check_speculative(draft_model, num_draft_tokens, draft_vocab)
         _check_text_prompt(prompt)
         qwen, processor = load(model, dtype=dtype)
         responses = stream_generate(
@@ -102,6 +111,9 @@ def main(
             seed=seed,
             prefill_step_size=prefill_step_size,
             verbose=verbose,
+            draft_model=draft_model,
+            num_draft_tokens=num_draft_tokens,
+            draft_vocab=draft_vocab,
             **sampling,
         )
         _print_stream(responses, verbose=verbose)

@@ -60,6 +60,42 @@ dtype_option = click.option(
 )
 
 
+speculative_options = options(
+    click.option(
+        "--draft-model",
+        default=None,
+        help="Speculative decoding: mtp (the model's own MTP head) or a smaller Qwen3.5 "
+        "checkpoint with the same tokenizer. The output does not change.",
+    ),
+    click.option(
+        "--num-draft-tokens",
+        type=int,
+        default=3,
+        show_default=True,
+        help="Tokens drafted per verification (1 to 7), with --draft-model.",
+    ),
+    click.option(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        help="Let the draft head score only the N likeliest token ids (cheaper drafts).",
+    ),
+)
+
+
+def check_speculative(draft_model: str | None, num_draft_tokens: int, draft_vocab: Any) -> None:
+    """Check the speculative flags before a model is loaded."""
+    from ..engine.draft_vocab import check_draft_vocab
+    from ..engine.speculative import check_num_draft_tokens
+
+    if draft_model is None:
+        if draft_vocab is not None:
+            raise UserError("--draft-vocab needs --draft-model (mtp or a draft checkpoint)")
+        return
+    check_num_draft_tokens(num_draft_tokens)
+    check_draft_vocab(draft_vocab, 1 << 62)
+
+
 def image_option(help: str) -> Decorator:
     return click.option("--image", "images", multiple=True, metavar="PATH", help=help)
 

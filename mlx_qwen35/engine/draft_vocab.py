@@ -6,9 +6,9 @@ N likeliest ids makes the draft step cheap, and verification still uses the full
 output does not change: only drafts of rarer tokens are lost.
 
 The N ids are, in order of preference:
-1. the checkpoint's `draft_vocab.json` when it has one: `{"token_ids": [...]}`, most frequent
-   first (`write_draft_vocab` counts them over a corpus; the converter writes it with
-   `--draft-vocab-corpus`);
+1. the checkpoint's `draft_vocab.json` when it has one (next to its tokenizer):
+   `{"token_ids": [...]}`, most frequent first (`write_draft_vocab` counts them over a corpus;
+   the converter writes it with `--draft-vocab-corpus`);
 2. otherwise the tokenizer's merge order: a byte-level BPE learns its merges most frequent first,
    so the earliest merges are the commonest pieces of its training text. The byte tokens come
    first, then the outputs of the first merges.
@@ -40,9 +40,12 @@ def check_draft_vocab(n: Any, vocab_size: int) -> int | None:
     return None if n >= vocab_size else n
 
 
-def draft_vocab_ids(tokenizer: Any, n: int, vocab_size: int) -> np.ndarray:
-    """Sorted int32 ids: the n preferred ids (see the module doc) plus every special token."""
-    ranked = _frequency_file(tokenizer)
+def draft_vocab_ids(
+    tokenizer: Any, n: int, vocab_size: int, model_dir: str | os.PathLike | None = None
+) -> np.ndarray:
+    """Sorted int32 ids: the n preferred ids (see the module doc: `model_dir`'s frequency file,
+    else the tokenizer's merge order) plus every special token."""
+    ranked = _frequency_file(model_dir) if model_dir is not None else None
     if ranked is None:
         ranked = merge_order(tokenizer)
     special = _added_ids(tokenizer)
@@ -87,10 +90,9 @@ def write_draft_vocab(model_dir: str | os.PathLike, tokenizer: Any, texts: Itera
     return path
 
 
-def _frequency_file(tokenizer: Any) -> list[int] | None:
-    source = getattr(tokenizer, "name_or_path", None)
-    path = Path(source) / DRAFT_VOCAB_FILE if source else None
-    if path is None or not path.is_file():
+def _frequency_file(model_dir: str | os.PathLike) -> list[int] | None:
+    path = Path(model_dir) / DRAFT_VOCAB_FILE
+    if not path.is_file():
         return None
     try:
         ids = json.loads(path.read_text())["token_ids"]
@@ -104,12 +106,14 @@ def _frequency_file(tokenizer: Any) -> list[int] | None:
 
 
 def _added_ids(tokenizer: Any) -> list[int]:
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    ids = set(added) | set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = set(_backend(tokenizer).get_added_tokens_decoder())
     ids |= set(getattr(tokenizer, "eos_token_ids", []) or [])
     return sorted(int(t) for t in ids)
 
 
 def _backend(tokenizer: Any) -> Any:
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)
-    return inner.backend_tokenizer
+    """The `tokenizers.Tokenizer` behind our Tokenizer (or a transformers fast tokenizer)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None:
+        return backend
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)

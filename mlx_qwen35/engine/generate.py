@@ -29,6 +29,7 @@ from ..inputs.prompt import prepare_prompt
 from .request import LogitsProcessor, Request, SamplingParams
 from .sampling import check_sampling
 from .scheduler import engine_for
+from .speculative import resolve_draft_model
 
 # Prefill progress bar: for multi-step prompts at least this long, or any multi-step one if verbose.
 PROGRESS_MIN_TOKENS = 4096
@@ -48,6 +49,7 @@ class GenerationResponse:
     peak_memory: peak memory used so far, in GB.
     finish_reason: None while generating, then "stop" (an end-of-turn token) or "length".
     from_draft: the token was accepted from a speculative draft.
+    draft_tokens / accepted_tokens: speculative decoding so far, drafts proposed and kept.
     """
 
     text: str
@@ -60,6 +62,8 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: str | None = None
     from_draft: bool = False
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 def check_enable_thinking(value: Any) -> bool | None:
@@ -146,6 +150,9 @@ def stream_generate(
     prefill_step_size: int = 2048,
     verbose: bool = False,
     response_format: Mapping[str, Any] | None = None,
+    draft_model: Any = None,
+    num_draft_tokens: int = 3,
+    draft_vocab: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate a reply to `prompt`, one `GenerationResponse` per token.
 
@@ -164,6 +171,10 @@ def stream_generate(
     logits_processors: mlx-lm style `(tokens, logits) -> logits`, tokens = prompt + generated.
     response_format: OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema":
         {"schema": ...}}, enforced while sampling (after the thinking block, if one is open).
+    draft_model: speculative decoding with "mtp" (the model's own MTP head), a draft checkpoint
+        (path or Hub id of a smaller Qwen3.5 with the same tokenizer) or a loaded draft Model;
+        `num_draft_tokens` drafts per verification; `draft_vocab` lets draft heads score only
+        that many token ids. The output is what plain decoding gives (see engine/speculative.py).
     Stops at an end-of-turn token (<|im_end|>, generation_config's eos) or after `max_tokens`.
     """
     if prompt is None:
@@ -207,6 +218,7 @@ def stream_generate(
             after_think=thinking_open(processor, ids),
         )
         logits_processors += [constraint] if constraint is not None else []
+    draft_model = resolve_draft_model(draft_model, model, processor)
     progress = _progress_bar(len(ids), prefill_step_size, verbose)
     request = Request(
         prompt=ids,
@@ -220,6 +232,9 @@ def stream_generate(
         on_prefill=None
         if progress is None
         else lambda done, total: progress.update(done - progress.n),
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+        draft_vocab=draft_vocab,
     )
     handle = engine_for(model, processor).submit(request)
     return _responses(handle, processor, progress)
@@ -249,6 +264,8 @@ def _responses(handle: Any, processor: Any, progress: Any) -> Iterator[Generatio
                 peak_memory=stats.peak_memory,
                 finish_reason=finish,
                 from_draft=event.from_draft,
+                draft_tokens=stats.draft_tokens,
+                accepted_tokens=stats.accepted_tokens,
             )
     finally:
         # A consumer that stops early (break, close) frees the row at the next step.
@@ -467,4 +484,10 @@ def print_stats(response: GenerationResponse) -> None:
         f"Generation: {response.generation_tokens} tokens, "
         f"{response.generation_tps:.3f} tokens-per-sec"
     )
+    if response.draft_tokens:
+        rate = response.accepted_tokens / response.draft_tokens
+        print(
+            f"Draft acceptance: {response.accepted_tokens}/{response.draft_tokens} drafted "
+            f"tokens ({rate:.1%})"
+        )
     print(f"Peak memory: {response.peak_memory:.3f} GB")

@@ -40,6 +40,7 @@ from ..inputs.tools import (
     normalize_tools,
     parse_tool_calls,
 )
+from .draft_vocab import check_draft_vocab
 from .generate import check_enable_thinking
 from .prefix_cache import PrefixEntry
 from .request import Request, SamplingParams
@@ -47,6 +48,7 @@ from .sampling import check_sampling
 from .scheduler import engine_for
 from .session_file import load_session, save_session
 from .session_render import Conversation, Rendered, media_arrays
+from .speculative import check_num_draft_tokens, resolve_draft_model
 from .text_stream import Piece, TextStream, thinking_budget_processor
 
 __all__ = [
@@ -82,6 +84,7 @@ class TurnResult:
     prompt_tokens: length of the rendered conversation; reused_tokens: how much of it came from
     the cache; prefilled_tokens: how much was prefilled this turn (prompt - reused).
     thinking_tokens: tokens inside the thinking block (a budget caps them).
+    draft_tokens / accepted_tokens: speculative decoding, drafts proposed and kept.
     """
 
     text: str
@@ -98,6 +101,8 @@ class TurnResult:
     prompt_tps: float
     generation_tps: float
     peak_memory: float
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def generation_tokens(self) -> int:
@@ -173,6 +178,8 @@ class ChatSession:
         prefill_step_size: prompt tokens per prefill step.
         max_snapshots: boundary snapshots kept in the prefix cache for this session.
         logits_processors: extra mlx-lm style processors `(tokens, logits) -> logits`.
+        draft_model / num_draft_tokens / draft_vocab: speculative decoding, as for
+            `stream_generate`; the replies are the same.
     """
 
     def __init__(
@@ -195,6 +202,9 @@ class ChatSession:
         prefill_step_size: int = 2048,
         max_snapshots: int = DEFAULT_MAX_SNAPSHOTS,
         logits_processors: Sequence[Any] = (),
+        draft_model: Any = None,
+        num_draft_tokens: int = 3,
+        draft_vocab: int | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -236,6 +246,9 @@ class ChatSession:
         self._think_close = processor.encode(THINK_CLOSE)
         if self._think_end is None or self._think_close[0] != self._think_end:
             raise UserError(f"this tokenizer has no single {THINK_END} token; it is not Qwen3.5's")
+        self.draft_model = resolve_draft_model(draft_model, model, processor)
+        self.num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
+        self.draft_vocab = check_draft_vocab(draft_vocab, model.args.vocab_size)
         self.engine = engine_for(model, processor)
         self._owner = _Owner()  # tags this session's prefix-cache entries
         self._anchors: set[int] = set()  # boundaries that end a user message
@@ -405,6 +418,9 @@ class ChatSession:
             prefix=prefix,
             cache_owner=self._owner,
             prefill_step_size=self.prefill_step_size,
+            draft_model=self.draft_model,
+            num_draft_tokens=self.num_draft_tokens,
+            draft_vocab=self.draft_vocab,
         )
 
     def _turn(
@@ -481,6 +497,8 @@ class ChatSession:
             prompt_tps=stats.prompt_tps,
             generation_tps=stats.generation_tps,
             peak_memory=mx.get_peak_memory() / 1e9,
+            draft_tokens=stats.draft_tokens,
+            accepted_tokens=stats.accepted_tokens,
         )
 
     # ------------------------------------------------------------------ saving

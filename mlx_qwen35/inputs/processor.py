@@ -82,7 +82,9 @@ class Processor:
                 ("video_preprocessor", video_processor),
             ):
                 _check_matches_tower(media, config, model_dir / f"{name}_config.json")
-        return cls(tokenizer, config, image_processor, video_processor)
+        processor = cls(tokenizer, config, image_processor, video_processor)
+        processor.model_dir = model_dir  # side files (a draft vocabulary) are looked up there
+        return processor
 
     @property
     def eos_token_ids(self) -> set[int]:
