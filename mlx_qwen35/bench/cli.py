@@ -607,6 +607,7 @@ def _speculative(
     draft_vocab,
     scripted,
 ) -> None:
+    from ..weights import loading
     from .speculative import bench_speculative
 
     if vs is not None or backends:

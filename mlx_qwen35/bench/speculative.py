@@ -36,7 +36,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..engine.drafters import ModelDrafter, MTPDrafter
-from ..engine.speculative import Sampling, SpeculativeDecoder, check_num_draft_tokens
+from ..engine.request import Request
+from ..engine.scheduler import Engine
+from ..engine.speculative import _positions, check_num_draft_tokens
+from ..engine.speculative import head_ids as speculative_head_ids
 from ..errors import UserError
 from ..model.cache import GatedDeltaCache, KVCache
 from ..model.config import ModelConfig, TextConfig
@@ -116,17 +119,10 @@ def cost_model(model: Any, drafter: Any, prompt: mx.array, k: int, stream: Any) 
     cache."""
     with mx.stream(stream):
         cache = model.make_cache()
-        list(
-            SpeculativeDecoder(
-                model,
-                prompt,
-                drafter=drafter,
-                num_draft_tokens=k,
-                max_tokens=1,
-                sampling=Sampling(temp=0.0),
-                cache=cache,
-            )
-        )
+        positions = _positions(cache, prompt.size)
+        hidden = model.hidden_states(prompt[None], cache)
+        drafter.prefill(prompt, None, hidden, positions)
+        mx.eval([c.state for c in cache])
         gdn = [c for c in cache if isinstance(c, GatedDeltaCache)]
         saved = [(c[0], c[1]) for c in gdn]
         token = prompt[-1:]
@@ -159,17 +155,19 @@ def cost_model(model: Any, drafter: Any, prompt: mx.array, k: int, stream: Any) 
             "step": _median_time(step, undo(1)),
             "verify": _median_time(verify, undo(k + 1)),
         }
-        times["draft"] = _draft_step_time(drafter, token)
+        times["draft"] = _draft_step_time(drafter, token, _positions(cache, 1))
     return times
 
 
-def _draft_step_time(drafter: Any, token: mx.array) -> float:
+def _draft_step_time(drafter: Any, token: mx.array, position: mx.array) -> float:
     """One draft step on the drafter's warm cache: its layer(s), its head, the argmax."""
     if isinstance(drafter, MTPDrafter):
         hidden = mx.zeros((1, 1, drafter.model.args.hidden_size), mx.float32)
 
         def step() -> None:
-            o = drafter.mtp(drafter.model.embed(token[None]), hidden, drafter.cache)
+            o = drafter.mtp(
+                drafter.model.embed(token[None]), hidden, drafter.cache, position_ids=position
+            )
             mx.eval(mx.argmax(drafter.head(o[:, -1]), axis=-1))
 
         def undo() -> None:
@@ -225,42 +223,43 @@ def print_cost_model(label: str, k: int, t: dict[str, float]) -> None:
     )
 
 
-def timed_speculative(
+def timed_engine(
     model: Any,
-    make_drafter: Callable[[], Any],
     prompt: mx.array,
     g: int,
-    k: int,
     step: int,
-    stream: Any,
-) -> tuple[Any, SpeculativeDecoder]:
-    """One speculative generation of g tokens, timed as `cli.timed_run` times plain decoding."""
+    draft: Any = None,
+    k: int = 3,
+    draft_vocab: int | None = None,
+    processor: Any = None,
+) -> tuple[Any, Any]:
+    """One greedy generation of g tokens through the engine, plain or speculative, timed as
+    `cli.timed_run` times plain decoding. Returns (RunResult, the request's stats)."""
     from .cli import RunResult
 
     mx.clear_cache()
     mx.reset_peak_memory()
-    drafter = make_drafter()
+    engine = Engine(model, processor, prefix_cache_bytes=0, prefill_step_size=step)
+    request = Request(
+        prompt=prompt.tolist(),
+        max_tokens=g,
+        stop_token_ids=(),
+        draft_model=draft,
+        num_draft_tokens=k,
+        draft_vocab=draft_vocab,
+    )
     tic = time.perf_counter()
-    with mx.stream(stream):
-        dec = SpeculativeDecoder(
-            model,
-            prompt,
-            drafter=drafter,
-            num_draft_tokens=k,
-            max_tokens=g,
-            sampling=Sampling(temp=0.0),
-            prefill_step_size=step,
-        )
-        for n, _ in enumerate(dec):
-            if n == 0:
-                first = time.perf_counter()
+    handle = engine.submit(request)
+    for n, _ in enumerate(handle):
+        if n == 0:
+            first = time.perf_counter()
     end = time.perf_counter()
     result = RunResult(
         prompt_tps=prompt.size / (first - tic),
         generation_tps=(g - 1) / (end - first) if g > 1 else 0.0,
         peak_gb=mx.get_peak_memory() / 1e9,
     )
-    return result, dec
+    return result, handle.stats
 
 
 def _draft_source(
@@ -290,7 +289,7 @@ def bench_speculative(
     repeats: int,
     seed: int,
 ) -> None:
-    from .cli import _median, _print_row, build_ours, timed_run
+    from .cli import _median, _print_row, build_ours
 
     k = check_num_draft_tokens(num_draft_tokens)
     text = ModelConfig.from_dict(config).text
@@ -306,7 +305,8 @@ def bench_speculative(
     target = build_ours(raw, ModelConfig.from_dict(config), dtype)
     del raw
     vocab = text.vocab_size
-    head_ids = _head_ids(model_path, draft_vocab, vocab)
+    processor = _processor(model_path)
+    head_ids = speculative_head_ids(target, processor, draft_vocab)
     draft = None
     if not mtp:
         d_config, d_raw, d_what = _draft_source(draft_model, config, None, dtype, seed)
@@ -339,33 +339,37 @@ def bench_speculative(
         f"{'MTP head' if mtp else draft_model}, k = {k}"
         + (f", draft vocab {len(head_ids)} ids" if head_ids is not None else "")
     )
-    timed_run(target, prompt[:8], 2, 8, stream)  # warm-up: first-call costs stay out
-    timed_speculative(target, make_drafter, prompt[:8], 5, k, 8, stream)
+    draft_arg = "mtp" if mtp else draft
+    runs = {
+        "plain": lambda g, step: timed_engine(target, prompt, g, step, processor=processor),
+        "speculative": lambda g, step: timed_engine(
+            target, prompt, g, step, draft_arg, k, draft_vocab, processor
+        ),
+    }
+    for run in runs.values():  # warm-up: first-call costs stay out of the timing
+        run(5, 8)
     width = 13
     click.echo(
         f"{'run':<7}{'decoding':<{width}}{'prompt tok/s':>14}{'gen tok/s':>12}{'peak GB':>10}"
     )
-    plain, spec, decs = [], [], []
+    results: dict[str, list[Any]] = {"plain": [], "speculative": []}
+    stats = []
     for r in range(repeats):
-        plain.append(timed_run(target, prompt, generation_tokens, prefill_step_size, stream))
-        _print_row(str(r + 1), "plain", plain[-1], width)
-        res, dec = timed_speculative(
-            target, make_drafter, prompt, generation_tokens, k, prefill_step_size, stream
-        )
-        spec.append(res)
-        decs.append(dec)
-        _print_row(str(r + 1), "speculative", res, width)
-    p, s = _median(plain), _median(spec)
+        for label, run in runs.items():
+            res, st = run(generation_tokens, prefill_step_size)
+            results[label].append(res)
+            if label == "speculative":
+                stats.append(st)
+            _print_row(str(r + 1), label, res, width)
+    p, s = _median(results["plain"]), _median(results["speculative"])
     if repeats > 1:
         _print_row("median", "plain", p, width)
         _print_row("median", "speculative", s, width)
-    drafted = sum(d.drafted for d in decs)
-    accepted = sum(d.accepted for d in decs)
-    rounds = sum(d.rounds for d in decs)
+    drafted = sum(st.draft_tokens for st in stats)
+    accepted = sum(st.accepted_tokens for st in stats)
     acceptance = accepted / drafted if drafted else 0.0
     click.echo(
-        f"acceptance {acceptance:.3f} ({accepted}/{drafted} drafts), "
-        f"{(accepted + rounds) / max(rounds, 1):.2f} tokens per round; "
+        f"acceptance {acceptance:.3f} ({accepted}/{drafted} drafts); "
         f"speculative / plain: generation "
         + (f"{s.generation_tps / p.generation_tps:.2f}x" if p.generation_tps else "n/a")
     )
@@ -380,18 +384,12 @@ def bench_speculative(
     )
 
 
-def _head_ids(model_path: str | None, n: int | None, vocab: int) -> np.ndarray | None:
-    """The draft vocabulary: the checkpoint tokenizer's (draft_vocab.py) or, for random weights
-    without a tokenizer, the first n ids (Qwen's ids follow its merge order)."""
-    from ..engine.draft_vocab import check_draft_vocab, draft_vocab_ids
-
-    n = check_draft_vocab(n, vocab)
-    if n is None:
-        return None
+def _processor(model_path: str | None) -> Any:
+    """The checkpoint's processor (its tokenizer ranks the draft vocabulary); None for random
+    weights, whose draft vocabulary is then the first N ids (Qwen's ids follow its merges)."""
     if model_path is None:
-        return np.arange(n, dtype=np.int32)
+        return None
     from ..inputs.processor import Processor
 
     model_dir = loading.resolve_model_path(model_path)
-    processor = Processor.from_pretrained(model_dir, loading.load_config(model_dir))
-    return draft_vocab_ids(processor.tokenizer, n, vocab)
+    return Processor.from_pretrained(model_dir, loading.load_config(model_dir))
