@@ -303,7 +303,7 @@ def bench_speculative(
     if untie:  # the puppet's head is rewritten; only its shape matters here
         raw["lm_head.weight"] = mx.zeros((text.vocab_size, text.hidden_size), mx.float32)
     target = build_ours(raw, ModelConfig.from_dict(config), dtype)
-    del raw
+    raw.clear()  # the caller's dict too: tensors the puppet replaces must not stay alive
     vocab = text.vocab_size
     processor = _processor(model_path)
     head_ids = speculative_head_ids(target, processor, draft_vocab)
@@ -320,6 +320,7 @@ def bench_speculative(
             d_config = with_mtp_config(d_config, True)
             d_raw["lm_head.weight"] = mx.zeros((vocab, d_text.hidden_size), mx.float32)
         draft = build_ours(d_raw, ModelConfig.from_dict(d_config), dtype)
+        d_raw.clear()
         what += f"; draft {d_what}"
     pool = head_ids if head_ids is not None else np.arange(vocab)
     if scripted:

@@ -45,6 +45,8 @@ from ..model.cpu_fast import linear
 
 # pick(head, hidden [1, H]) -> draft token [1]
 Pick = Callable[[Any, mx.array], mx.array]
+# While its row decodes in a batch, a drafter catches up every this many steps (bounded queues).
+CATCH_UP_EVERY = 64
 
 
 class DraftHead:
@@ -121,6 +123,9 @@ class MTPDrafter:
     def observe(self, token: mx.array, hidden: mx.array, position: mx.array) -> None:
         self._tokens.append(self.model.embed(token[None]))
         self._queue(hidden, position)
+        if len(self._hidden) > CATCH_UP_EVERY:
+            self._run_pairs()
+            mx.eval([c.state for c in self.cache])
 
     def draft(self, token: mx.array, k: int, pick: Pick, positions: mx.array) -> list[mx.array]:
         self._tokens.append(self.model.embed(token[None]))
@@ -195,6 +200,10 @@ class ModelDrafter:
 
     def observe(self, token: mx.array, hidden: mx.array, position: mx.array) -> None:
         self.pending.append(token)
+        if len(self.pending) >= CATCH_UP_EVERY:
+            self.model.hidden_states(mx.concatenate(self.pending)[None], self.cache)
+            mx.eval([c.state for c in self.cache])
+            self.pending = []
 
     def draft(self, token: mx.array, k: int, pick: Pick, positions: mx.array) -> list[mx.array]:
         fed = mx.concatenate([*self.pending, token])
