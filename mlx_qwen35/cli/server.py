@@ -1,6 +1,6 @@
 """`python -m mlx_qwen35.server`: OpenAI, Anthropic and Responses APIs over the engine.
 
-Options that the other workers add (--kv-bits, --draft-model, --distributed) go into
+Options that the other workers add (--kv-bits, --distributed) go into
 `server_options` below as shared decorators from options.py, and into `ServerConfig`.
 """
 
@@ -48,6 +48,7 @@ def server_options(f: Any) -> Any:
         cli.think_option,
         cli.thinking_budget_option("Close the thinking block after this many tokens."),
         cli.dtype_option,
+        cli.speculative_options,
         click.option(
             "--max-concurrency",
             type=click.IntRange(min=1),
@@ -131,6 +132,7 @@ def config_from_flags(flags: dict[str, Any]) -> Any:
         presence_penalty=sampling["presence_penalty"],
         **checked,
     )
+    cli.check_speculative(flags["draft_model"], flags["num_draft_tokens"], flags["draft_vocab"])
     return ServerConfig(
         model=flags["model"],
         served_model_names=list(flags["served_model_names"]),
@@ -144,6 +146,9 @@ def config_from_flags(flags: dict[str, Any]) -> Any:
         prefix_cache_gb=flags["prefix_cache_gb"],
         max_body_bytes=int(flags["max_body_mb"] * 1024 * 1024),
         media=MediaLimits(allow_local_files=flags["allow_local_files"]),
+        draft_model=flags["draft_model"],
+        num_draft_tokens=flags["num_draft_tokens"],
+        draft_vocab=flags["draft_vocab"],
     )
 
 

@@ -169,6 +169,9 @@ def prepare(state: Any, call: Call) -> Prepared:
         boundaries=boundaries,
         media_spans=media_spans,
         cache_final=call.messages is not None,  # an agent's next request extends this one
+        draft_model=state.draft_model,
+        num_draft_tokens=state.config.num_draft_tokens,
+        draft_vocab=state.config.draft_vocab,
     )
     try:
         check_request(request, state.model)

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.speculative import resolve_draft_model
 from .errors import APIError
 from .media import MediaLimits
 
@@ -31,6 +32,9 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     media: MediaLimits = field(default_factory=MediaLimits)
     max_stored_responses: int = 256
+    draft_model: str | None = None  # speculative decoding: "mtp" or a draft checkpoint
+    num_draft_tokens: int = 3
+    draft_vocab: int | None = None
 
     @property
     def model_names(self) -> list[str]:
@@ -43,6 +47,9 @@ class ServerState:
         self.model = model
         self.processor = processor
         self.engine = engine
+        # "mtp" or the loaded draft model, for every request (engine/speculative.py: a request
+        # speculates while it is the only one decoding).
+        self.draft_model = resolve_draft_model(config.draft_model, model, processor)
         self.created = int(time.time())
         self.vocab_size = processor.config.text.vocab_size
         ids = processor.encode("</think>")
