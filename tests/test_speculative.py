@@ -449,3 +449,27 @@ def test_speculative_sampling_has_the_target_distribution(small_target, subset):
     cells.append((sum(counts.get(k, 0) for k in small), sum(expected[k] for k in small)))
     stat = sum((o - e) ** 2 / e for o, e in cells if e > 0)
     assert chi2_pvalue(stat, len(cells) - 1) > 1e-3, (stat, len(cells))
+
+
+def test_a_stateful_processor_makes_speculation_step_aside(target):
+    """A processor that must see each token once, in order (a grammar matcher), never sees a
+    draft: the request decodes plainly."""
+    model = load_model(target)
+
+    class Counting:
+        stateful = True
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, tokens, logits):
+            self.calls += 1
+            return logits
+
+    counting = Counting()
+    tokens, flags, stats, _ = generate(
+        model, 12, draft=noisy_copy(target, 0.002), logits_processors=[counting]
+    )
+    assert stats.draft_tokens == 0 and not any(flags)
+    assert counting.calls == 12  # once per token
+    assert tokens == plain_greedy(model, 12)[0]

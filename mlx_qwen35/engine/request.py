@@ -115,7 +115,8 @@ class Request:
     input_embeddings [T', H] (or [1, T', H]) and position_ids [3, T'] (or [3, 1, T']): the merged
         embeddings and 3-D positions of the last T' <= T prompt tokens (T' < T only together with
         a `prefix` that covers the rest: the engine resumes from it).
-    logits_processors: `(tokens [n] (prompt + generated so far), logits [1, V]) -> logits`.
+    logits_processors: `(tokens [n] (prompt + generated so far), logits [1, V]) -> logits`; one
+        that must see each generated token once, in order, says so with `stateful = True`.
     stop_token_ids: ids that end the reply (default: the processor's end-of-turn ids).
     boundaries: prompt positions where the prefix cache keeps a snapshot (message ends).
     media_spans: MediaSpan or (start, end) ranges of the prompt never resumed inside.

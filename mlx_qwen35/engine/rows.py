@@ -153,7 +153,7 @@ class Row:
         self.first_token_time = 0.0
         self.prefill_start = 0.0
         self.spec = None  # speculative decoding (speculative.py)
-        if request.draft_model is not None:
+        if request.draft_model is not None and not _stateful(request.logits_processors):
             from .speculative import Speculation
 
             self.spec = Speculation(model, request, processor)
@@ -263,3 +263,9 @@ class Row:
             cache, tokens, self.media, kind="final", owner=self.request.cache_owner
         )
         prefix_cache.insert(entry)
+
+
+def _stateful(processors: Sequence[Any]) -> bool:
+    """Whether a logits processor must see each token once, in order (a grammar matcher):
+    speculation, which shows processors draft tokens that may be rejected, steps aside then."""
+    return any(getattr(p, "stateful", False) for p in processors)

@@ -17,8 +17,9 @@ Greedy output is the plain greedy output token for token (up to the last-bit dif
 a T = k + 1 forward and k + 1 single-token ones). p and q are the row sampler's own laws
 (`RowSampler.distribution`): logits processors and penalties see the committed tokens plus the
 drafts before each position (processors must be functions of the tokens they are given, as
-mlx-lm's are), then top-k / top-p / min-p and the temperature, exactly as a plain step draws; a
-seeded request draws every random number of a round from its own key.
+mlx-lm's are; a request with a processor marked `stateful`, such as a grammar matcher that must see
+each token once, decodes plainly), then top-k / top-p / min-p and the temperature, exactly as a
+plain step draws; a seeded request draws every random number of a round from its own key.
 
 When it steps aside (the engine's rule, scheduler.py): a request speculates while it is the only
 row decoding. With several rows every row decodes plainly in the shared batch: batching already

@@ -146,7 +146,11 @@ class GrammarProcessor:
 
     It must see every generated token in order, once per step (as generate_step and the engine
     call it): the last token of `tokens` on each call after the first is the one just sampled.
+    `stateful` says so to the engine, whose speculative decoding then steps aside for the request
+    (it would show the processor draft tokens that may be rejected).
     """
+
+    stateful = True
 
     def __init__(self, matcher: Any, vocab_size: int, gate: int | None, eos: int):
         self.matcher = matcher
