@@ -159,3 +159,40 @@ def test_checkpoints_without_a_usable_head_say_why(mtp_checkpoint, hf_checkpoint
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="mtp_num_hidden_layers 2"):
         check_draft_model("mtp", load_model(broken))
+
+
+def test_mtp_pairs_of_a_media_prompt_take_its_3d_positions():
+    """The drafter fills the MTP cache over an image prompt in chunks with the merged embeddings
+    and the 3-D positions; its keys equal one direct MTP call with them (wrong positions, e.g.
+    the cache index, would rotate the keys differently)."""
+    from PIL import Image
+
+    from mlx_qwen35.engine.speculative import _positions
+    from mlx_qwen35.inputs.prompt import prepare_prompt
+    from mlx_qwen35.weights.loading import load
+
+    model, processor = load("tiny-random")
+    image = Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8))
+    ids, emb, pos = prepare_prompt(model, processor, "What is this?", images=[image])
+    ids = mx.array(ids, mx.uint32)
+    assert pos is not None and int(pos[0, 0, -1]) < ids.size - 1  # positions lag the indices
+    cache = model.make_cache()
+    drafter = MTPDrafter(model)
+    cut = ids.size // 2
+    for a, b in ((0, cut), (cut, ids.size)):
+        hidden = model.hidden_states(
+            None, cache, input_embeddings=emb[:, a:b], position_ids=pos[..., a:b]
+        )
+        drafter.prefill(ids[a:b], emb[:, a:b], hidden, pos[..., a:b])
+    hidden = model.hidden_states(None, model.make_cache(), input_embeddings=emb, position_ids=pos)
+    direct = model.mtp.make_cache()
+    model.mtp(emb[:, 1:], hidden[:, :-1], direct, position_ids=pos[..., :-1])
+    n = ids.size - 1
+    assert drafter.cache[0].offset == direct[0].offset == n
+    np.testing.assert_allclose(
+        np.array(drafter.cache[0].keys[..., :n, :]),
+        np.array(direct[0].keys[..., :n, :]),
+        atol=1e-4,
+    )
+    # After the prompt, decode positions continue from the target's rotary delta.
+    assert int(_positions(cache, 1)[0, 0, 0]) == int(pos[0, 0, -1]) + 1

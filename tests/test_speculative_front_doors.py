@@ -161,3 +161,22 @@ def test_chat_cli_takes_the_draft_flags():
     )
     assert result.exit_code == 0, result.output
     assert "accepted]" in result.output
+
+
+def test_mtp_with_an_image_in_the_prompt():
+    """Media prompts: the MTP head takes the merged embeddings and the 3-D positions (with
+    their negative rope delta afterwards), and the reply is the plain one."""
+    from PIL import Image
+
+    model, processor = load("tiny-random")
+    semi_script(model)
+    image = Image.fromarray(
+        (np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8), "RGB"
+    )
+    kwargs = dict(images=[image], max_tokens=30)
+    plain, _, _ = tokens_of(stream_generate(model, processor, "What is this?", **kwargs))
+    spec, _, last = tokens_of(
+        stream_generate(model, processor, "What is this?", draft_model="mtp", **kwargs)
+    )
+    assert spec == plain
+    assert 0 < last.accepted_tokens < last.draft_tokens
