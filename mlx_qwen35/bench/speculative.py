@@ -1,9 +1,9 @@
 """`python -m mlx_qwen35.bench --draft-model mtp|PATH|SIZE [--num-draft-tokens K]
 [--draft-vocab N] [--scripted]`: speculative decoding against plain decoding in the same run.
 
-Both decode greedily from the same prompt, alternating run by run; the figures to quote are the
-ratios. Printed: acceptance (kept / proposed drafts), tokens per round, generation tok/s of both
-and their ratio, and the cost model measured on the warm caches:
+Both decode greedily from the same prompt through the engine, alternating run by run; the
+figures to quote are the ratios. Printed: acceptance (kept / proposed drafts), generation tok/s of
+both and their ratio, and the cost model measured on the warm caches:
 
     t_step     one plain decode step (target forward on 1 token + head + argmax)
     t_verify   one verification (target forward on k + 1 tokens, per-token states, k + 1 heads)
