@@ -33,6 +33,7 @@ uses the full head, so the output does not change, only the cost of a draft step
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -91,13 +92,26 @@ class DraftHead:
         return out
 
 
+def draft_head(language_model: Any, ids: np.ndarray | None) -> DraftHead:
+    """The model's draft head for `ids`, made once: a subset copies its head rows, which a
+    request should not pay for again (the last subset used is kept on the model)."""
+    if ids is None:
+        return DraftHead(language_model)
+    key = hashlib.blake2b(np.ascontiguousarray(ids, np.int32).tobytes(), digest_size=16).digest()
+    kept = vars(language_model).setdefault("_mlx_qwen35_draft_head", {})
+    if key not in kept:
+        kept.clear()
+        kept[key] = DraftHead(language_model, ids)
+    return kept[key]
+
+
 class MTPDrafter:
     """Drafts with the target's own MTP head (`model.mtp`)."""
 
     def __init__(self, model: Any, head_ids: np.ndarray | None = None):
         self.mtp = model.mtp
         self.model = model
-        self.head = DraftHead(model.language_model, head_ids)
+        self.head = draft_head(model.language_model, head_ids)
         self.cache = self.mtp.make_cache()
         self._tokens: list[mx.array] = []  # embeddings [1, t, H] of queued next tokens x_{p+1}
         self._hidden: list[mx.array] = []  # target hidden states [1, t, H] of queued h_p
@@ -180,7 +194,7 @@ class ModelDrafter:
 
     def __init__(self, draft_model: Any, head_ids: np.ndarray | None = None):
         self.model = draft_model
-        self.head = DraftHead(draft_model.language_model, head_ids)
+        self.head = draft_head(draft_model.language_model, head_ids)
         self.cache = draft_model.make_cache()
         self.pending: list[mx.array] = []
         self._snapshots: list[list[tuple[mx.array, mx.array]]] = []
