@@ -48,3 +48,28 @@ class CheckpointFactory:
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory) -> CheckpointFactory:
     return CheckpointFactory(tmp_path_factory.mktemp("hf"))
+
+
+class MoeCheckpointFactory:
+    """`(hf_model, checkpoint_dir)` for a tiny MoE variant, saved per expert (as transformers writes
+    it) or `fused` (as the original Hub checkpoints store the experts); cached like the above."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._made: dict[tuple, tuple] = {}
+
+    def __call__(self, variant: str = "moe", *, vision: bool = False, fused: bool = False):
+        key = (variant, vision, fused)
+        if key not in self._made:
+            model = hf_reference.build_hf_moe_model(variant, vision=vision)
+            path = self.root / "-".join(str(k) for k in key)
+            hf_reference.save_hf_checkpoint(model, path, keep_vision=vision)
+            if fused:
+                hf_reference.fuse_experts(path)
+            self._made[key] = (model, path)
+        return self._made[key]
+
+
+@pytest.fixture(scope="session")
+def hf_moe_checkpoint(tmp_path_factory) -> MoeCheckpointFactory:
+    return MoeCheckpointFactory(tmp_path_factory.mktemp("hf_moe"))

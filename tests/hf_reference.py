@@ -189,3 +189,123 @@ def hf_logits(model: torch.nn.Module, input_ids: np.ndarray, **kwargs: Any) -> n
         }
         out = model(input_ids=torch.from_numpy(np.asarray(input_ids)), **torch_kwargs)
     return out.logits.float().numpy()
+
+
+# ---------------------------------------------------------------- MoE (qwen3_5_moe)
+
+# Sparse-MLP fields per MoE variant; the shapes come from VARIANTS (via `moe_of`). Shared and
+# routed expert widths differ so that swapping them fails; experts >= 8, top-k >= 2.
+MOE_VARIANTS: dict[str, dict[str, Any]] = {
+    "moe": dict(
+        base="base",
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=40,
+    ),
+    "moe_hv3": dict(
+        base="hv3",
+        num_experts=12,
+        num_experts_per_tok=3,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=16,
+        tie_word_embeddings=True,
+    ),
+}
+ROUTER_SCALE = 10.0  # spreads the router's softmax so that top-k choices have clear margins
+
+
+def moe_text_config(variant: str = "moe", **overrides: Any) -> dict[str, Any]:
+    moe = dict(MOE_VARIANTS[variant])
+    tc = text_config(moe.pop("base"))
+    tc.pop("intermediate_size")
+    tc.update(moe)
+    tc.update(overrides)
+    return tc
+
+
+def build_hf_moe_model(
+    variant: str = "moe", *, vision: bool = False, seed: int = 0, **text_overrides: Any
+) -> torch.nn.Module:
+    """A perturbed fp32 `Qwen3_5MoeForConditionalGeneration` in eval mode."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    tc = moe_text_config(variant, **text_overrides)
+    tie = bool(tc.pop("tie_word_embeddings", False))
+    vc = dict(VISION_BASE, out_hidden_size=tc["hidden_size"])
+    config = Qwen3_5MoeConfig(
+        text_config=tc, vision_config=vc, tie_word_embeddings=tie, **TOKEN_IDS
+    )
+    config.text_config.tie_word_embeddings = tie
+    torch.manual_seed(seed)
+    model = Qwen3_5MoeForConditionalGeneration(config).float().eval()
+    perturb(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(ROUTER_SCALE)
+    if not vision:
+        model.config.vision_config = None
+    return model
+
+
+def router_margin(model: torch.nn.Module, input_ids: np.ndarray) -> float:
+    """The smallest gap, over every token and layer, between the k-th and (k+1)-th largest router
+    logit (softmax keeps the order): a port whose fp32 round-off differs picks the same experts
+    only if this is clearly above that round-off (~1e-5 for logits of magnitude ~10)."""
+    gaps: list[float] = []
+
+    def hook(module, args, output):
+        top = torch.topk(output[0].float(), module.top_k + 1, dim=-1).values
+        gaps.append(float((top[:, -2] - top[:, -1]).min()))
+
+    routers = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    handles = [r.register_forward_hook(hook) for r in routers]
+    try:
+        hf_logits(model, input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return min(gaps)
+
+
+def fuse_experts(path: Path) -> None:
+    """Rewrite a saved checkpoint's per-expert tensors into the fused layout of the original Hub
+    checkpoints: `experts.gate_up_proj` [E, 2I, H] (gate rows, then up) and `experts.down_proj`."""
+    import re
+
+    from safetensors.numpy import load_file, save_file
+
+    pattern = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    for f in path.glob("*.safetensors"):
+        tensors = load_file(f)
+        groups: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+        out = {}
+        for key, value in tensors.items():
+            m = pattern.match(key)
+            if m:
+                groups.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = value
+            else:
+                out[key] = value
+        for prefix, projs in groups.items():
+            stack = {p: np.stack([v[e] for e in sorted(v)]) for p, v in projs.items()}
+            out[f"{prefix}.gate_up_proj"] = np.concatenate(
+                [stack["gate_proj"], stack["up_proj"]], axis=1
+            )
+            out[f"{prefix}.down_proj"] = stack["down_proj"]
+        save_file(out, f, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        weight_map = {}
+        for key, shard in data["weight_map"].items():
+            m = pattern.match(key)
+            if m:
+                base = m[1]
+                weight_map[
+                    f"{base}.down_proj" if m[3] == "down_proj" else f"{base}.gate_up_proj"
+                ] = shard
+            else:
+                weight_map[key] = shard
+        data["weight_map"] = weight_map
+        index.write_text(json.dumps(data, indent=2))

@@ -15,8 +15,9 @@ from typing import Any
 from ..errors import UserError
 from .config_fields import typed, typed_list
 
-MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
-VISION_MODEL_TYPES = ("qwen3_5_vision", "qwen3_5")
+MOE_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+MODEL_TYPES = ("qwen3_5", "qwen3_5_text") + MOE_MODEL_TYPES
+VISION_MODEL_TYPES = ("qwen3_5_vision", "qwen3_5", "qwen3_5_moe_vision", "qwen3_5_moe")
 FORMAT_KEY = "mlx_qwen35_format"
 FORMAT_VERSION = 1
 
@@ -88,6 +89,74 @@ class RopeConfig:
         return out
 
 
+# ---------------------------------------------------------------- MoE (qwen3_5_moe)
+
+
+@dataclass
+class MoEConfig:
+    """The sparse MLP of the MoE sizes (35B-A3B, 122B-A10B, 397B-A17B): every decoder layer
+    routes each token to `num_experts_per_tok` of `num_experts` SwiGLU experts and adds a shared
+    expert scaled by its sigmoid gate.
+
+    transformers' Qwen3_5Moe always renormalises the top-k probabilities (its config has no
+    `norm_topk_prob`); Qwen3-Next-style configs may carry the field, so it is read, default on.
+    """
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    norm_topk_prob: bool = True
+
+    _INTS = (
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+    )
+
+    @classmethod
+    def from_text_dict(cls, d: dict[str, Any], model_type: str) -> MoEConfig | None:
+        """The MoE fields of a text config, or None for a dense one."""
+        if model_type not in MOE_MODEL_TYPES and not typed(d, "num_experts", int, 0, minimum=0):
+            return None
+        values = {}
+        for name in cls._INTS:
+            value = typed(d, name, int, None, positive=True)
+            _require(value is not None, f"{name} is missing; a {model_type} model needs it")
+            values[name] = value
+        cfg = cls(**values, norm_topk_prob=typed(d, "norm_topk_prob", bool, True))
+        _require(
+            cfg.num_experts_per_tok <= cfg.num_experts,
+            f"num_experts_per_tok ({cfg.num_experts_per_tok}) exceeds num_experts "
+            f"({cfg.num_experts})",
+        )
+        _require(
+            not typed_list(d, "mlp_only_layers", int, None),
+            "mlp_only_layers is set, but every Qwen3.5 MoE layer is sparse; this is another "
+            "architecture (use mlx-lm)",
+        )
+        _require(
+            typed(d, "decoder_sparse_step", int, 1) == 1,
+            "decoder_sparse_step must be 1: every Qwen3.5 MoE layer is sparse",
+        )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_experts": self.num_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "shared_expert_intermediate_size": self.shared_expert_intermediate_size,
+            "norm_topk_prob": self.norm_topk_prob,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+
+
+# ---------------------------------------------------------------- text and vision
+
+
 @dataclass
 class TextConfig:
     hidden_size: int = 4096
@@ -110,6 +179,7 @@ class TextConfig:
     mtp_num_hidden_layers: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    moe: MoEConfig | None = None  # None: the dense MLP (intermediate_size)
 
     @property
     def rotary_dim(self) -> int:
@@ -125,7 +195,9 @@ class TextConfig:
         return self.layer_types[layer] == "linear_attention"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], tie_default: bool = False) -> TextConfig:
+    def from_dict(
+        cls, d: dict[str, Any], tie_default: bool = False, model_type: str = "qwen3_5"
+    ) -> TextConfig:
         ints = (
             "hidden_size intermediate_size num_hidden_layers num_attention_heads "
             "num_key_value_heads linear_num_key_heads linear_num_value_heads linear_key_head_dim "
@@ -159,6 +231,7 @@ class TextConfig:
                 "full_attention" if (i + 1) % interval == 0 else "linear_attention"
                 for i in range(cfg.num_hidden_layers)
             ]
+        cfg.moe = MoEConfig.from_text_dict(d, typed(d, "model_type", str, None) or model_type)
         cfg.validate()
         return cfg
 
@@ -198,8 +271,8 @@ class TextConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "model_type": "qwen3_5_text",
+        out = {
+            "model_type": "qwen3_5_moe_text" if self.moe else "qwen3_5_text",
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -224,6 +297,10 @@ class TextConfig:
             "attention_bias": False,
             "hidden_act": "silu",
         }
+        if self.moe is not None:
+            del out["intermediate_size"]  # MoE configs have none (transformers rejects it)
+            out.update(self.moe.to_dict())
+        return out
 
 
 def _interval_of(layer_types: list[str]) -> int:
@@ -332,18 +409,22 @@ class ModelConfig:
     def tie_word_embeddings(self) -> bool:
         return self.text.tie_word_embeddings
 
+    @property
+    def is_moe(self) -> bool:
+        return self.text.moe is not None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         model_type = d.get("model_type")
         _require(
             model_type in MODEL_TYPES,
-            f"model_type is {model_type!r}, but mlx-qwen35 runs only Qwen3.5 dense models "
+            f"model_type is {model_type!r}, but mlx-qwen35 runs only Qwen3.5 models "
             f"({', '.join(MODEL_TYPES)}); use mlx-lm for other architectures",
         )
         # Text-only checkpoints may be flat: then the whole dict is the text config.
         text_dict = typed(d, "text_config", dict, None) or d
         tie_default = typed(d, "tie_word_embeddings", bool, False)
-        text = TextConfig.from_dict(text_dict, tie_default=tie_default)
+        text = TextConfig.from_dict(text_dict, tie_default=tie_default, model_type=model_type)
         vision = None
         vision_dict = typed(d, "vision_config", dict, None)
         if vision_dict:
@@ -364,9 +445,12 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """A config.json for our converted format (also readable by mlx-lm and mlx-vlm)."""
         out = dict(self.raw)
+        moe = self.is_moe
         out.update(
-            model_type="qwen3_5",
-            architectures=["Qwen3_5ForConditionalGeneration"],
+            model_type="qwen3_5_moe" if moe else "qwen3_5",
+            architectures=[
+                "Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"
+            ],
             text_config=self.text.to_dict(),
             tie_word_embeddings=self.text.tie_word_embeddings,
             image_token_id=self.image_token_id,
@@ -376,6 +460,8 @@ class ModelConfig:
         )
         if self.vision is not None:
             out["vision_config"] = self.vision.to_dict()
+            if moe:
+                out["vision_config"]["model_type"] = "qwen3_5_moe_vision"
         else:
             out.pop("vision_config", None)
         out[FORMAT_KEY] = FORMAT_VERSION

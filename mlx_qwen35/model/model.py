@@ -27,6 +27,7 @@ from .config import ModelConfig, TextConfig
 from .cpu_fast import linear
 from .gated_delta import gated_delta_core
 from .layers import MLP, GatedAttention, Linear, RMSNorm, RMSNormGated
+from .moe import SparseMoeBlock
 from .positions import rope_index
 from .vision import VisionModel
 
@@ -96,7 +97,10 @@ class DecoderLayer(nn.Module):
             self.self_attn = GatedAttention(args)
         self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        if args.moe is not None:
+            self.mlp = SparseMoeBlock(args)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
 
     def __call__(
         self,
@@ -119,6 +123,9 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3_5TextModel(nn.Module):
+    # Set by `distributed.pipeline`: this process runs only its range of the layers.
+    pipeline_group: Any = None
+
     def __init__(self, args: TextConfig):
         super().__init__()
         self.args = args
@@ -156,8 +163,13 @@ class Qwen3_5TextModel(nn.Module):
             for c in cache:
                 if isinstance(c, KVCache):
                     c.key_mask = attn_cache.key_mask
-        for layer, c in zip(self.layers, cache, strict=False):
-            h = layer(h, mask, c, position_ids, pad_mask)
+        if self.pipeline_group is not None:
+            from .distributed import run_pipeline_stage
+
+            h = run_pipeline_stage(self, h, cache, mask, position_ids, pad_mask)
+        else:
+            for layer, c in zip(self.layers, cache, strict=False):
+                h = layer(h, mask, c, position_ids, pad_mask)
         return self.norm(h)
 
 
@@ -413,6 +425,21 @@ class Model(nn.Module):
             video_grid_thw=video_grid_thw,
         )
         return self.language_model.logits(hidden)
+
+    def shard(self, group: Any = None) -> None:
+        """Tensor parallelism over `group` (default: `mx.distributed.init()`), mlx-lm's name:
+        every rank keeps a slice of the heads and hidden units of every layer; see
+        `distributed.py`."""
+        from .distributed import shard
+
+        shard(self, group)
+
+    def pipeline(self, group: Any = None, split: list[int] | None = None) -> None:
+        """Pipeline parallelism over `group`, mlx-lm's name: every rank keeps a range of the
+        layers (`split`: layers per rank, rank 0 last); see `distributed.py`."""
+        from .distributed import pipeline
+
+        pipeline(self, group, split)
 
     @property
     def cast_predicate(self):

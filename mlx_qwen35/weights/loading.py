@@ -9,7 +9,9 @@ Three on-disk layouts are read:
 - checkpoints written by mlx-lm / mlx-vlm (`language_model.*`, `vision_tower.*`): already shifted
   and transposed, possibly quantized.
 The layout is decided by the marker and the key prefixes, never by guessing from values, so the
-(1 + w) shift and the conv transpose are applied exactly once.
+(1 + w) shift and the conv transpose are applied exactly once. MoE experts, fused or one tensor per
+expert in HF checkpoints, are stacked into mlx-lm's `switch_mlp` tensors by their key names
+(`experts.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..errors import UserError
 from ..model.config import ModelConfig, load_config
 from ..model.config_fields import typed
 from ..model.model import Model
+from .experts import stack_experts
 
 MTP_FILE = "mtp.safetensors"
 
@@ -192,6 +195,7 @@ def sanitize(
             if new.endswith(SHIFTED_NORM_SUFFIXES):
                 value = value.astype(mx.float32) + 1.0
         out[new] = value
+    out = stack_experts(out)
     if config.text.tie_word_embeddings:
         out.pop("language_model.lm_head.weight", None)
     if vision and with_vision and config.vision is not None:
@@ -257,14 +261,18 @@ def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
     return _DTYPES[dtype]
 
 
-def load_model(model_dir: str | Path, dtype: str | mx.Dtype | None = None) -> Model:
+def load_model(
+    model_dir: str | Path, dtype: str | mx.Dtype | None = None, *, lazy: bool = False
+) -> Model:
+    """The model in `model_dir`. `lazy`: leave the weights unread until first evaluated, so that
+    `Model.shard` / `Model.pipeline` can drop what this process will not hold before it is read."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)  # first: a missing config.json is the clearer error
     weights = read_weights(model_dir)
     mtp_file = model_dir / MTP_FILE  # our converter keeps the MTP head out of the index
     if mtp_file.is_file() and config.format_version is not None:
         weights.update(_read_shard(mtp_file))
-    return model_from_weights(weights, config, dtype, model_dir)
+    return model_from_weights(weights, config, dtype, model_dir, lazy=lazy)
 
 
 def model_from_weights(
@@ -272,6 +280,8 @@ def model_from_weights(
     config: ModelConfig,
     dtype: str | mx.Dtype | None = None,
     source: str | Path = "checkpoint",
+    *,
+    lazy: bool = False,
 ) -> Model:
     """A ready model from tensors of any readable layout (`source` names them in errors)."""
     dtype = parse_dtype(dtype)
@@ -296,7 +306,8 @@ def model_from_weights(
             f"{source}: the weights do not match config.json ({first}); the checkpoint is "
             f"incomplete or for another model"
         ) from None
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     return model
 
