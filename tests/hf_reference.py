@@ -201,7 +201,7 @@ MOE_VARIANTS: dict[str, dict[str, Any]] = {
         num_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=32,
-        shared_expert_intermediate_size=40,
+        shared_expert_intermediate_size=64,
     ),
     "moe_hv3": dict(
         base="hv3",
