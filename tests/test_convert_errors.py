@@ -157,15 +157,15 @@ def test_read_only_directory(sharded_source, tmp_path):
 
 def test_interrupted_conversion_leaves_nothing(sharded_source, tmp_path, monkeypatch):
     written = []
-    real_write = CONVERT._ShardWriter.write
+    real_write = CONVERT.ShardWriter.write
 
-    def write_then_interrupt(self, key, value):
+    def write_then_interrupt(self, key, value, index=None):
         if len(written) == 5:
             raise KeyboardInterrupt
         written.append(key)
-        real_write(self, key, value)
+        real_write(self, key, value, index)
 
-    monkeypatch.setattr(CONVERT._ShardWriter, "write", write_then_interrupt)
+    monkeypatch.setattr(CONVERT.ShardWriter, "write", write_then_interrupt)
     out = tmp_path / "out"
     result = run("--hf-path", str(sharded_source), "--mlx-path", str(out), "-q")
     assert len(written) == 5
@@ -177,10 +177,10 @@ def test_interrupted_force_keeps_the_old_output(sharded_source, tmp_path, monkey
     out.mkdir()
     (out / "old.txt").write_text("previous conversion")
 
-    def interrupt(self, key, value):
+    def interrupt(self, key, value, index=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(CONVERT._ShardWriter, "write", interrupt)
+    monkeypatch.setattr(CONVERT.ShardWriter, "write", interrupt)
     result = run("--hf-path", str(sharded_source), "--mlx-path", str(out), "--force")
     assert result.exit_code == 130
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -13,7 +13,7 @@ from .convert_plan import (
     MTP_FILE,
     Plan,
     Tensor,
-    _shard_size,
+    file_size,
 )
 from .convert_write import _index_json
 from .upload import (
@@ -91,7 +91,7 @@ def _card_inputs(plan: Plan, hf_path: str, title: str) -> dict[str, Any]:
 
 def _planned_files(plan: Plan, card: dict[str, Any]) -> list[tuple[str, int]]:
     """What a real run would write, with sizes (exact for weights, index and config)."""
-    files = [(name, _shard_size(ts)) for name, ts in plan.files.items()]
+    files = [(name, file_size(ts)) for name, ts in plan.files.items()]
     files.append((INDEX_FILE, len(_index_json(plan).encode()) + 1))
     config_text = json.dumps(plan.config_json, indent=2, ensure_ascii=False)
     files.append(("config.json", len(config_text.encode()) + 1))

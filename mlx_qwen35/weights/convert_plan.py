@@ -3,9 +3,7 @@ quantization decision (see convert.py for the whole process)."""
 
 from __future__ import annotations
 
-import json
-import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from ..model.config import ModelConfig, load_config
+from .experts import Unit, stream_units
 from .loading import (
     MTP_FILE,
     SHIFTED_NORM_SUFFIXES,
@@ -24,6 +23,7 @@ from .loading import (
 from .quantize import Decision, decide, quantization_block
 from .quantize import quantize as quantize_tensor
 from .recipes import QuantSpec, Recipe, load_recipe
+from .safetensors_file import Tensor, file_size, read_header
 
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,32 +42,6 @@ _KEEP_FP32 = (".A_log", ".linear_attn.norm.weight")
 _COPY_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "LICENSE*")
 _NOT_COPIED = {"config.json", INDEX_FILE, REPORT_FILE, "README.md"}
 _VISION_FILES = {"preprocessor_config.json", "video_preprocessor_config.json"}
-_ST_DTYPES = {
-    mx.float32: "F32",
-    mx.float16: "F16",
-    mx.bfloat16: "BF16",
-    mx.uint32: "U32",
-    mx.uint8: "U8",
-    mx.int32: "I32",
-    mx.int64: "I64",
-}
-_METADATA = {"format": "mlx"}
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One output tensor, as planned from the lazy graph."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: mx.Dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.size
-        for d in self.shape:
-            n *= d
-        return n
 
 
 @dataclass(frozen=True)
@@ -88,6 +62,7 @@ class Plan:
     config: ModelConfig
     ctx: _Context
     inputs: list[tuple[Path, list[str]]]  # input shard -> tensor names in file order
+    units: list[Unit]  # the conversion steps, in stream order
     files: dict[str, list[Tensor]]  # output weight file -> tensors in write order
     config_json: dict[str, Any]
     quantized: dict[str, tuple[QuantSpec, int]] = field(default_factory=dict)
@@ -96,7 +71,7 @@ class Plan:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(_shard_size(ts) for ts in self.files.values())
+        return sum(file_size(ts) for ts in self.files.values())
 
 
 @dataclass
@@ -146,28 +121,6 @@ def _output_dtype(dtype: str | None, raw: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- reading
-
-
-def read_header(path: Path) -> list[str]:
-    """The tensor names of a safetensors file in data order, after checking the file is whole
-    (a truncated download fails here, before anything is written)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header length runs past the end of the file")
-            header = json.loads(f.read(n))
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        end = max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"the file has {size} bytes but its header describes {8 + n + end}")
-    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
-        raise UserError(
-            f"{path}: cannot read this safetensors shard ({e}); it is corrupt or truncated, "
-            f"download it again"
-        ) from None
-    return sorted(entries, key=lambda k: int(entries[k]["data_offsets"][0]))
 
 
 def _open_lazy(path: Path) -> dict[str, mx.array]:
@@ -245,6 +198,46 @@ def _convert_tensor(
     return quantize_tensor(new, value, decision.spec), new, value, decision
 
 
+@dataclass
+class Piece:
+    """Output tensors of one unit (lazy): whole tensors (`index` None), or slice `index` of the
+    `count` experts of a stacked one. `original`: the unquantized (cast) value."""
+
+    key: str | None
+    tensors: dict[str, mx.array]
+    original: mx.array | None
+    decision: Decision
+    index: int | None = None
+    count: int = 1
+
+
+def unit_pieces(
+    unit: Unit, lazy: dict[str, mx.array], ctx: _Context, first_only: bool = False
+) -> Iterator[Piece]:
+    """The pieces of `unit`; an expert stack comes one expert at a time, so only one expert's
+    temporaries exist at once (a fused source tensor is read whole, once, by the first)."""
+    if not unit.stacks:
+        key = unit.sources[0]
+        tensors, new, original, decision = _convert_tensor(key, lazy[key], ctx)
+        yield Piece(new, tensors, original, decision)
+        return
+    for stack in unit.stacks:
+        count = lazy[stack.sources[0]].shape[0] if stack.fused else len(stack.sources)
+        moved = _to_our_layout(stack.key, stack.expert(lazy, 0), ctx)
+        if moved is None:
+            continue
+        new = moved[0]
+        decision = _decide(new, (count, *moved[1].shape), ctx)
+        for e in range(1 if first_only else count):
+            value = _cast(new, stack.expert(lazy, e), ctx.dtype)
+            tensors = (
+                {new: value}
+                if decision.spec is None
+                else quantize_tensor(new, value, decision.spec)
+            )
+            yield Piece(new, tensors, value, decision, e, count)
+
+
 # ---------------------------------------------------------------- planning
 
 
@@ -283,20 +276,22 @@ def make_plan(
         vision_sanitize=_vision_sanitizer(out_config) if keep_vision else None,
         mtp=mtp,
     )
-    plan = Plan(source, config, ctx, inputs, {}, {})
+    units = stream_units([k for _, keys in inputs for k in keys])
+    plan = Plan(source, config, ctx, inputs, units, {}, {})
     main: list[list[Tensor]] = []
     mtp_tensors: list[Tensor] = []
-    for _, keys in inputs:
-        for key in keys:
-            tensors, new, _, decision = _convert_tensor(key, lazy[key], ctx)
-            if not tensors:
+    for unit in units:
+        for piece in unit_pieces(unit, lazy, ctx, first_only=True):
+            if not piece.tensors:
                 continue
-            group = [Tensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
-            if _is_mtp(new):
+            lead = () if piece.index is None else (piece.count,)
+            group = [Tensor(k, (*lead, *v.shape), v.dtype) for k, v in piece.tensors.items()]
+            if _is_mtp(piece.key):
                 mtp_tensors += group
             else:
                 main.append(group)
-            _note_decision(plan, new, decision, lazy[key].size)
+            size = sum(lazy[k].size for k in unit.sources) // max(len(unit.stacks), 1)
+            _note_decision(plan, piece.key, piece.decision, size)
     del lazy
     _check_complete(source, out_config, keep_vision, {t.key for g in main for t in g}, plan)
     plan.files = _assign_shards(main, max_shard_size)
@@ -365,8 +360,8 @@ def _check_complete(
         )
     if extra:
         raise UserError(
-            f"{source}: {len(extra)} tensors do not belong to a dense Qwen3.5 model (e.g. "
-            f"{extra[0]}); convert the original checkpoint of a dense Qwen3.5 model"
+            f"{source}: {len(extra)} tensors do not belong to the Qwen3.5 model its config.json "
+            f"describes (e.g. {extra[0]}); convert an original Qwen3.5 checkpoint"
         )
 
 
@@ -415,24 +410,3 @@ def _side_files(source: Path, keep_vision: bool) -> list[Path]:
             if p.is_file() and not skip and (keep_vision or p.name not in _VISION_FILES):
                 found[p.name] = p
     return [found[name] for name in sorted(found)]
-
-
-def _header(tensors: list[Tensor]) -> bytes:
-    entries: dict[str, Any] = {"__metadata__": _METADATA}
-    offset = 0
-    for t in tensors:
-        if t.dtype not in _ST_DTYPES:
-            raise UserError(f"{t.key}: dtype {t.dtype} cannot be stored in safetensors")
-        entries[t.key] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    blob = json.dumps(entries, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    return struct.pack("<Q", len(blob)) + blob
-
-
-def _shard_size(tensors: list[Tensor]) -> int:
-    return len(_header(tensors)) + sum(t.nbytes for t in tensors)

@@ -20,12 +20,11 @@ from .convert_plan import (
     REPORT_FILE,
     ConversionResult,
     Plan,
-    Tensor,
-    _convert_tensor,
-    _header,
     _open_lazy,
+    unit_pieces,
 )
 from .quantize import dequantize
+from .safetensors_file import ShardWriter
 from .upload import (
     format_size,
     model_card,
@@ -34,39 +33,14 @@ from .upload import (
 # ---------------------------------------------------------------- safetensors writing
 
 
-class _ShardWriter:
-    """Writes a safetensors file whose header is known up front, one tensor at a time."""
-
-    def __init__(self, path: Path, tensors: list[Tensor]):
-        self.path = path
-        self.pending = list(tensors)
-        self.file = open(path, "wb")
-        self.file.write(_header(tensors))
-
-    def write(self, key: str, value: mx.array) -> None:
-        want = self.pending.pop(0)
-        if (key, tuple(value.shape), value.dtype) != (want.key, want.shape, want.dtype):
-            raise RuntimeError(f"{key}: produced {value.shape} {value.dtype}, planned {want}")
-        data = memoryview(value)
-        if not data.c_contiguous:
-            raise RuntimeError(f"{key}: not row-contiguous")
-        self.file.write(data)
-
-    @property
-    def done(self) -> bool:
-        return not self.pending
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def _write_weights(plan: Plan, folder: Path, report: bool, progress: bool) -> dict:
     """Stream every tensor into its output file; with `report`, the per-tensor errors."""
     from tqdm import tqdm
 
     file_of = {t.key: name for name, ts in plan.files.items() for t in ts}
-    writers: dict[str, _ShardWriter] = {}
-    errors: dict[str, tuple[int, float]] = {}
+    shard_of = {key: shard for shard, keys in plan.inputs for key in keys}
+    writers: dict[str, ShardWriter] = {}
+    sums: dict[str, tuple[int, float, float]] = {}  # key -> (bits, sum diff^2, sum original^2)
     bar = tqdm(
         total=sum(t.nbytes for ts in plan.files.values() for t in ts),
         unit="B",
@@ -74,28 +48,33 @@ def _write_weights(plan: Plan, folder: Path, report: bool, progress: bool) -> di
         desc="Converting",
         disable=not progress,
     )
+    # Every shard is opened lazily up front (nothing is read until evaluated): an expert stack
+    # may draw on several shards. Each source is dropped once its unit is written.
+    lazy: dict[str, mx.array] = {}
+    for shard, _ in plan.inputs:
+        lazy.update(_open_lazy(shard))
     try:
-        for shard, keys in plan.inputs:
-            bar.set_postfix_str(shard.name)
-            weights = _open_lazy(shard)
-            for key in keys:
-                tensors, new, original, decision = _convert_tensor(key, weights.pop(key), plan.ctx)
-                if not report:
-                    original = None  # let MLX free the cast copy as soon as it is packed
-                tensors = {k: mx.contiguous(v) for k, v in tensors.items()}
+        for unit in plan.units:
+            bar.set_postfix_str(shard_of[unit.sources[-1]].name)
+            for piece in unit_pieces(unit, lazy, plan.ctx):
+                tensors = {k: mx.contiguous(v) for k, v in piece.tensors.items()}
+                original = piece.original if report else None
                 mx.eval(tensors)
-                if report and decision.spec is not None:
-                    restored = dequantize(tensors, new, decision.spec)
-                    errors[new] = (decision.spec.bits, quality.relative_error(original, restored))
+                if report and piece.decision.spec is not None:
+                    restored = dequantize(tensors, piece.key, piece.decision.spec)
+                    bits, d2, a2 = sums.get(piece.key, (piece.decision.spec.bits, 0.0, 0.0))
+                    d2_piece, a2_piece = quality.squared_error(original, restored)
+                    sums[piece.key] = (bits, d2 + d2_piece, a2 + a2_piece)
                 for k, v in tensors.items():
                     name = file_of[k]
                     if name not in writers:
-                        writers[name] = _ShardWriter(folder / name, plan.files[name])
-                    writers[name].write(k, v)
+                        writers[name] = ShardWriter(folder / name, plan.files[name])
+                    writers[name].write(k, v, piece.index)
                     bar.update(v.nbytes)
-                del tensors, original
+                del tensors, original, piece
                 mx.clear_cache()
-            del weights
+            for source in unit.sources:
+                lazy.pop(source)
     finally:
         bar.close()
         for w in writers.values():
@@ -103,7 +82,7 @@ def _write_weights(plan: Plan, folder: Path, report: bool, progress: bool) -> di
     unfinished = [w.path.name for w in writers.values() if not w.done]
     if unfinished or len(writers) != len(plan.files):
         raise RuntimeError(f"output shards incomplete: {unfinished}")
-    return errors
+    return {key: (bits, (d2 / max(a2, 1e-30)) ** 0.5) for key, (bits, d2, a2) in sums.items()}
 
 
 # ---------------------------------------------------------------- the output directory

@@ -120,3 +120,32 @@ def stack_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         for source in stack.sources:
             out.pop(source, None)
     return out
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One step of a streamed conversion: one source tensor (no stacks), or the expert stacks
+    built from the same source tensors (a fused gate_up gives two)."""
+
+    sources: tuple[str, ...]
+    stacks: tuple[ExpertStack, ...] = ()
+
+
+def stream_units(keys: list[str]) -> list[Unit]:
+    """`keys` (every source tensor, in the order they are stored) as conversion units: a plain
+    tensor where it is stored, an expert stack where its last source is stored."""
+    stacks = expert_stacks(keys)
+    by_sources: dict[tuple[str, ...], list[ExpertStack]] = {}
+    for stack in stacks:
+        by_sources.setdefault(stack.sources, []).append(stack)
+    position = {key: i for i, key in enumerate(keys)}
+    last_of = {max(sources, key=position.__getitem__): sources for sources in by_sources}
+    in_stack = {source for sources in by_sources for source in sources}
+    units = []
+    for key in keys:
+        if key in last_of:
+            sources = last_of[key]
+            units.append(Unit(sources, tuple(by_sources[sources])))
+        elif key not in in_stack:
+            units.append(Unit((key,)))
+    return units

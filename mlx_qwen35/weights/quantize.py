@@ -28,13 +28,21 @@ class Decision:
 
 
 def module_path(key: str) -> str | None:
-    """The layer path of a quantizable tensor (`<path>.weight`, 2-D), else None.
+    """The layer path of a quantizable tensor (`<path>.weight`), else None.
 
     Every 2-D weight in Qwen3.5 (text, vision, MTP) belongs to a linear or embedding layer; norms
     and biases are 1-D, conv1d is 3-D, the vision patch embedding 5-D, A_log/dt_bias have no
-    `.weight` suffix. So dimensionality alone keeps the protected tensors out of reach.
+    `.weight` suffix. So dimensionality alone keeps the protected tensors out of reach; the one
+    3-D weight that is quantized is a stack of MoE experts (`switch_mlp`, see `quantizable`).
     """
     return key[: -len(".weight")] if key.endswith(".weight") else None
+
+
+def quantizable(key: str, shape: tuple[int, ...]) -> bool:
+    """A linear/embedding weight (2-D), or a stack of expert weights [E, out, in] (3-D)."""
+    if module_path(key) is None:
+        return False
+    return len(shape) == 2 or (len(shape) == 3 and ".switch_mlp." in key)
 
 
 def decide(
@@ -46,7 +54,7 @@ def decide(
     quantized by the head's rule (pass the head's path for the embedding key).
     """
     path = module_path(key)
-    if recipe is None or path is None or len(shape) != 2:
+    if recipe is None or path is None or not quantizable(key, shape):
         return Decision(None)
     spec = recipe.spec_for(head_path or path)
     if spec is None:
