@@ -336,3 +336,6 @@ def test_family_script_plans_every_size_and_bits(monkeypatch):
     repos = {k["upload_repo"] for _, k in calls}
     assert "someone/Qwen3.5-9B-4bit" in repos and "someone/Qwen3.5-0.8B-8bit" in repos
     assert all(k["dry_run"] for _, k in calls) and len(calls) == 8
+    calls.clear()
+    family.main(["--out-dir", "/tmp/x", "--sizes", "27B", "397B-A17B", "--recipes", "mixed"])
+    assert [a[0] for a, _ in calls] == ["Qwen/Qwen3.5-27B", "Qwen/Qwen3.5-397B-A17B"]
