@@ -39,9 +39,17 @@ DEFAULT_PROMPT = "hello"
 @cli.prefill_step_size_option("Prompt tokens per prefill step (bounds memory for long prompts).")
 @cli.speculative_options
 @click.option(
+    "--distributed",
+    type=click.Choice(["tensor", "pipeline"]),
+    default=None,
+    help="Run on the machines that mlx.launch started: tensor or pipeline parallel (rank 0 "
+    "prints).",
+)
+@click.option(
     "--verbose",
     is_flag=True,
-    help="Print prompt/generation speed, peak memory (and the draft acceptance rate).",
+    help="Print the memory estimate, prompt/generation speed, peak memory (and the draft "
+    "acceptance rate).",
 )
 def main(
     model: str,
@@ -66,6 +74,7 @@ def main(
     draft_model: str | None,
     num_draft_tokens: int,
     draft_vocab: int | None,
+    distributed: str | None,
     verbose: bool,
 ) -> None:
     """Generate a reply from a Qwen3.5 model, streaming it to stdout."""
@@ -73,8 +82,10 @@ def main(
     from ..engine.sampling import check_sampling
     from ..inputs.processor import check_media_options
     from ..inputs.prompt import _check_text_prompt
-    from ..weights.loading import load
+    from ..weights import fit
+    from ..weights.loading import load, resolve_model_path
 
+    rank0 = True
     try:
         prompt = cli.read_stdin("the prompt on stdin") if prompt == "-" else prompt
         cli.check_utf8(prompt, "the prompt")
@@ -95,7 +106,38 @@ def main(
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         cli.check_speculative(draft_model, num_draft_tokens, draft_vocab)
         _check_text_prompt(prompt)
-        qwen, processor = load(model, dtype=dtype)
+        model_dir = resolve_model_path(model)
+        group = None
+        if distributed is not None:
+            from ..model.distributed import init_group, load_distributed, shared_seed
+
+            group = init_group()
+            rank0 = group.rank() == 0
+            if group.size() == 1:
+                raise UserError(
+                    "--distributed needs the processes that mlx.launch starts, e.g. `mlx.launch "
+                    "--hosts mac1,mac2 python -m mlx_qwen35.generate ... --distributed "
+                    f"{distributed}`; started alone this is one machine: drop --distributed"
+                )
+            seed = shared_seed(seed, group)  # every rank must sample the same tokens
+        # Will it fit? Checked before any weight is read.
+        context = fit.count_tokens(model_dir, [prompt, system or ""]) + max_tokens
+        estimate = fit.check_fit(
+            model_dir,
+            context,
+            dtype=dtype,
+            machines=group.size() if group is not None else 1,
+            prefill_step_size=prefill_step_size,
+        )
+        warning = fit.tight_warning(estimate)
+        if rank0 and warning:
+            click.echo(warning, err=True)
+        if rank0 and verbose:
+            click.echo(f"Will it fit? {estimate.summary()}")
+        if distributed is not None:
+            qwen, processor, _ = load_distributed(model_dir, distributed, dtype, group)
+        else:
+            qwen, processor = load(model_dir, dtype=dtype)
         responses = stream_generate(
             qwen,
             processor,
@@ -116,9 +158,14 @@ def main(
             draft_vocab=draft_vocab,
             **sampling,
         )
-        _print_stream(responses, verbose=verbose)
+        if rank0:
+            _print_stream(responses, verbose=verbose)
+        else:
+            for _ in responses:  # every rank computes every token; only rank 0 prints
+                pass
     except UserError as e:
-        click.echo(f"Error: {e}", err=True)
+        if rank0:
+            click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("", err=True)
