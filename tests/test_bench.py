@@ -231,3 +231,55 @@ def test_speculative_bench_refuses_what_it_cannot_compare():
     for extra, message in cases:
         result = invoke("--config", "tiny", "-p", "4", "-g", "2", *extra)
         assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_the_family_sizes_have_their_published_dimensions():
+    expected = {
+        "27b": (5120, 64, 24, 4, 48, None),
+        "35b-a3b": (2048, 40, 16, 2, 32, (256, 8, 512)),
+        "122b-a10b": (3072, 48, 32, 2, 64, (256, 8, 1024)),
+        "397b-a17b": (4096, 60, 32, 2, 64, (512, 10, 1024)),
+    }
+    for size, (hidden, layers, heads, kv, hv, moe) in expected.items():
+        config = bench.size_config(size)
+        text = ModelConfig.from_dict(config).text
+        got = (text.hidden_size, text.num_hidden_layers, text.num_attention_heads)
+        assert got + (text.num_key_value_heads, text.linear_num_value_heads) == (
+            hidden,
+            layers,
+            heads,
+            kv,
+            hv,
+        )
+        assert not text.tie_word_embeddings and text.layer_types[3] == "full_attention"
+        if moe is None:
+            assert text.moe is None and text.intermediate_size == 17408
+        else:
+            m = text.moe
+            assert (m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size) == moe
+            assert config["model_type"] == "qwen3_5_moe"
+        cut = ModelConfig.from_dict(bench.cut_layers(config, None, 4)).text
+        assert cut.num_hidden_layers == 4 and cut.moe == text.moe
+
+
+def test_moe_weights_give_the_same_logits_in_both_models():
+    config = bench.size_config("tiny-moe")
+    model_config = ModelConfig.from_dict(config)
+    raw = bench.random_hf_weights(model_config.text, mx.float32, seed=5)
+    ours = bench.build_ours(raw, model_config, None)
+    theirs = bench.build_mlx_lm(raw, config, None)
+    # one copy of the experts, shared by both models
+    key = "model.language_model.layers.1.mlp.switch_mlp.up_proj.weight"
+    assert ours.layers[1].mlp.switch_mlp.up_proj.weight is raw[key] or mx.array_equal(
+        ours.layers[1].mlp.switch_mlp.up_proj.weight, raw[key]
+    )
+    tokens = mx.array([[1, 5, 9, 200, 7, 33, 4, 100]])
+    a, b = np.array(ours(tokens)), np.array(theirs(tokens))
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_moe_vs_mlx_lm_runs():
+    result = invoke("--config", "tiny-moe", "-p", "12", "-g", "3", "--vs", "mlx-lm")
+    assert result.exit_code == 0, result.output
+    assert "config tiny-moe (random weights), 4 layers" in result.output
+    assert "mlx-qwen35 / mlx-lm: prompt " in result.output

@@ -46,9 +46,10 @@ _ROPE = {
     "mrope_interleaved": True,
 }
 
-# Text dimensions of the public Qwen3.5 checkpoints. 0.8b and 9b are from spec §1; 2b and 4b are
-# from their public config.json files as we know them (no download here to confirm). `tiny` is for
-# smoke tests only.
+# Text dimensions of the public Qwen3.5 checkpoints. 0.8b, 9b and 27b are from spec §1; 2b and 4b
+# are from their public config.json files as we know them, the MoE sizes from the configs quoted by
+# training frameworks that load them (slime, Megatron-Bridge); no download here to confirm. `tiny`
+# and `tiny-moe` are for smoke tests only. MoE sizes carry expert fields, not intermediate_size.
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden_size=64,
@@ -61,6 +62,24 @@ SIZES: dict[str, dict[str, Any]] = {
         linear_num_value_heads=4,
         linear_key_head_dim=16,
         linear_value_head_dim=16,
+        vocab_size=512,
+        tie_word_embeddings=False,
+        rope_parameters=dict(_ROPE, mrope_section=[2, 1, 1]),
+    ),
+    "tiny-moe": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
         vocab_size=512,
         tie_word_embeddings=False,
         rope_parameters=dict(_ROPE, mrope_section=[2, 1, 1]),
@@ -125,14 +144,84 @@ SIZES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
         rope_parameters=_ROPE,
     ),
+    "27b": dict(
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_hidden_layers=64,
+        num_attention_heads=24,
+        num_key_value_heads=4,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=48,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        vocab_size=248320,
+        tie_word_embeddings=False,
+        rope_parameters=_ROPE,
+    ),
+    "35b-a3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=40,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        num_experts=256,
+        num_experts_per_tok=8,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        vocab_size=248320,
+        tie_word_embeddings=False,
+        rope_parameters=_ROPE,
+    ),
+    "122b-a10b": dict(
+        hidden_size=3072,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=64,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        num_experts=256,
+        num_experts_per_tok=8,
+        moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024,
+        vocab_size=248320,
+        tie_word_embeddings=False,
+        rope_parameters=_ROPE,
+    ),
+    "397b-a17b": dict(
+        hidden_size=4096,
+        num_hidden_layers=60,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=64,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        num_experts=512,
+        num_experts_per_tok=10,
+        moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024,
+        vocab_size=248320,
+        tie_word_embeddings=False,
+        rope_parameters=_ROPE,
+    ),
 }
 
 
 def size_config(size: str) -> dict[str, Any]:
     """A config.json dict (HF layout, text only) with the text dimensions of `size`."""
     text = copy.deepcopy(SIZES[size])
+    moe = "num_experts" in text
     text.update(
-        model_type="qwen3_5_text",
+        model_type="qwen3_5_moe_text" if moe else "qwen3_5_text",
         linear_conv_kernel_dim=4,
         full_attention_interval=4,
         rms_norm_eps=1e-6,
@@ -144,7 +233,7 @@ def size_config(size: str) -> dict[str, Any]:
         "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)
     ]
     return {
-        "model_type": "qwen3_5",
+        "model_type": "qwen3_5_moe" if moe else "qwen3_5",
         "text_config": text,
         "tie_word_embeddings": text["tie_word_embeddings"],
     }
@@ -179,7 +268,8 @@ def cut_layers(
 def random_hf_weights(text: TextConfig, dtype: mx.Dtype, seed: int = 0) -> dict[str, mx.array]:
     """Random weights under their original HF names and layout: zero-centred (1+w) norms, conv1d
     as [C, 1, K], A_log in fp32. Each tensor is evaluated as soon as it is drawn, so the peak stays
-    at the weights themselves."""
+    at the weights themselves. MoE experts are drawn already stacked (`mlp.switch_mlp.*`, which
+    both our loader and mlx-lm's take as they are), so that the two models share one copy."""
     key = mx.random.key(seed)
     out: dict[str, mx.array] = {}
 
@@ -219,9 +309,25 @@ def random_hf_weights(text: TextConfig, dtype: mx.Dtype, seed: int = 0) -> dict[
             draw(a + "o_proj.weight", (H, nh * hd), 0.02)
             draw(a + "q_norm.weight", (hd,), 0.05)
             draw(a + "k_norm.weight", (hd,), 0.05)
-        draw(q + "mlp.gate_proj.weight", (inter, H), 0.02)
-        draw(q + "mlp.up_proj.weight", (inter, H), 0.02)
-        draw(q + "mlp.down_proj.weight", (H, inter), 0.02)
+        moe = text.moe
+        if moe is None:
+            draw(q + "mlp.gate_proj.weight", (inter, H), 0.02)
+            draw(q + "mlp.up_proj.weight", (inter, H), 0.02)
+            draw(q + "mlp.down_proj.weight", (H, inter), 0.02)
+        else:
+            E, mi, si = (
+                moe.num_experts,
+                moe.moe_intermediate_size,
+                moe.shared_expert_intermediate_size,
+            )
+            draw(q + "mlp.gate.weight", (E, H), 0.02)
+            draw(q + "mlp.switch_mlp.gate_proj.weight", (E, mi, H), 0.02)
+            draw(q + "mlp.switch_mlp.up_proj.weight", (E, mi, H), 0.02)
+            draw(q + "mlp.switch_mlp.down_proj.weight", (E, H, mi), 0.02)
+            draw(q + "mlp.shared_expert.gate_proj.weight", (si, H), 0.02)
+            draw(q + "mlp.shared_expert.up_proj.weight", (si, H), 0.02)
+            draw(q + "mlp.shared_expert.down_proj.weight", (H, si), 0.02)
+            draw(q + "mlp.shared_expert_gate.weight", (1, H), 0.02)
     draw(p + "norm.weight", (H,), 0.05)
     if not text.tie_word_embeddings:
         draw("lm_head.weight", (text.vocab_size, H), 0.02)
@@ -257,15 +363,18 @@ def _check_mlx_lm_layout(text: TextConfig, config: dict[str, Any]) -> None:
 
 
 def build_mlx_lm(raw: dict[str, mx.array], config: dict[str, Any], dtype: mx.Dtype | None):
-    """mlx-lm's own qwen3_5 model on the same tensors, through mlx-lm's own sanitize."""
-    from mlx_lm.models import qwen3_5
+    """mlx-lm's own qwen3_5 (or qwen3_5_moe) model on the same tensors, through mlx-lm's own
+    sanitize."""
+    from mlx_lm.models import qwen3_5, qwen3_5_moe
 
     from ..weights import loading
 
     config = copy.deepcopy(config)
     config.pop("vision_config", None)
-    _check_mlx_lm_layout(ModelConfig.from_dict(config).text, config)
-    model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(config))
+    text = ModelConfig.from_dict(config).text
+    _check_mlx_lm_layout(text, config)
+    module = qwen3_5_moe if text.moe is not None else qwen3_5
+    model = module.Model(module.ModelArgs.from_dict(config))
     weights = model.sanitize(dict(raw))
     loading.quantize_like_checkpoint(model, weights, config)
     if dtype is not None:
