@@ -155,3 +155,17 @@ def test_block_follows_its_formula(normalise):
     assert rel_err(ours, ref) < 1e-5
     # the other normalisation is far off: the flag matters
     assert rel_err(ours, block_reference(block, x.astype(np.float64), not normalise)) > 1e-2
+
+
+def test_bfloat16_experts_run_off_metal(hf_moe_checkpoint):
+    """MLX's CPU gather_mm is float32-only: bf16 experts are held in fp32 there, and the block's
+    output keeps the activation dtype."""
+    hf, path = hf_moe_checkpoint("moe")
+    model = load_model(path, "bfloat16")
+    ids = random_ids(1, 9, seed=1)
+    out = model(mx.array(ids))
+    assert out.dtype == mx.bfloat16
+    ref = hf_logits(hf, ids)
+    assert rel_err(np.array(out.astype(mx.float32)), ref) < 0.05
+    if not mx.metal.is_available():
+        assert model.layers[0].mlp.switch_mlp.up_proj.weight.dtype == mx.float32

@@ -59,7 +59,8 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, scores = self.route(x)
-        y = (self.switch_mlp(x, inds) * scores[..., None]).sum(axis=-2)
+        # (astype: off Metal, unquantized experts are held in fp32; see loading._experts_to_fp32)
+        y = (self.switch_mlp(x, inds).astype(x.dtype) * scores[..., None]).sum(axis=-2)
         y = y + sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if self.sharding_group is not None:
             y = mx.distributed.all_sum(y, group=self.sharding_group)

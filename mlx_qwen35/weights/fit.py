@@ -97,6 +97,12 @@ def machine_capacity() -> tuple[int, str]:
         return 0, "unknown"
 
 
+def _expert_matrix(key: str) -> bool:
+    if key.endswith((".scales", ".biases")):
+        return False
+    return ".experts." in key or (".switch_mlp." in key and key.endswith(".weight"))
+
+
 def checkpoint_bytes(
     model_dir: Path, dtype: str | None = None, with_vision: bool = True
 ) -> tuple[int, int, int]:
@@ -115,6 +121,8 @@ def checkpoint_bytes(
             floating = kind in ("F32", "F16", "BF16")
             if target and floating and not key.endswith(("A_log", "norm.weight")):
                 size = target
+            if floating and _expert_matrix(key) and not mx.metal.is_available():
+                size = 4  # unquantized experts are held in fp32 off Metal (see loading.py)
             nbytes = size * math.prod(entry["shape"])
             total += nbytes
             if any(part in key for part in _WHOLE_ON_EACH):

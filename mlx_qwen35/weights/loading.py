@@ -261,6 +261,16 @@ def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
     return _DTYPES[dtype]
 
 
+def _experts_to_fp32(weights: dict[str, mx.array]) -> None:
+    """MLX's CPU `gather_mm` runs float32 only, so unquantized bf16/fp16 expert stacks are held in
+    fp32 off Metal (twice their memory; quantized ones go through `gather_qmm`, which takes any
+    float type). The MoE block casts their output back to the activation dtype."""
+    for k, v in weights.items():
+        if ".switch_mlp." in k and k.endswith(".weight") and v.dtype in (mx.bfloat16, mx.float16):
+            if f"{k.removesuffix('.weight')}.scales" not in weights:
+                weights[k] = v.astype(mx.float32)
+
+
 def load_model(
     model_dir: str | Path, dtype: str | mx.Dtype | None = None, *, lazy: bool = False
 ) -> Model:
@@ -296,6 +306,8 @@ def model_from_weights(
     for k in weights:
         if k.endswith(SHIFTED_NORM_SUFFIXES):
             weights[k] = weights[k].astype(mx.float32)
+    if not mx.metal.is_available():
+        _experts_to_fp32(weights)
     model.mtp_unavailable = _attach_mtp(model, weights, config)
     quantize_like_checkpoint(model, weights, config.raw)
     try:
