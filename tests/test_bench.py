@@ -283,3 +283,20 @@ def test_moe_vs_mlx_lm_runs():
     assert result.exit_code == 0, result.output
     assert "config tiny-moe (random weights), 4 layers" in result.output
     assert "mlx-qwen35 / mlx-lm: prompt " in result.output
+
+
+def test_quantized_random_weights_run_in_both_models():
+    config, raw, what = bench.load_source(None, "tiny-moe", None, None, 2, q_bits=4, vs="mlx-lm")
+    assert "4bit recipe" in what and config["quantization"]["bits"] == 4
+    key = "model.language_model.layers.0.mlp.switch_mlp.up_proj"  # input 64: one group
+    assert f"{key}.scales" in raw and raw[f"{key}.weight"].dtype == mx.uint32
+    assert "model.language_model.layers.0.mlp.gate.scales" not in raw  # routers stay whole
+    model_config = ModelConfig.from_dict(config)
+    ours = bench.build_ours(raw, model_config, None)
+    theirs = bench.build_mlx_lm(raw, config, None)
+    assert ours.layers[0].mlp.switch_mlp.up_proj.bits == 4
+    tokens = mx.array([[1, 5, 9, 200, 7, 33, 4, 100]])
+    a, b = np.array(ours(tokens)), np.array(theirs(tokens))
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    result = invoke("--model", "tiny-random", "--q-bits", "4")
+    assert result.exit_code != 0 and "--q-bits quantizes --config" in result.output
