@@ -133,7 +133,7 @@ def main(
         if rank0 and warning:
             click.echo(warning, err=True)
         if rank0 and verbose:
-            click.echo(f"Will it fit? {estimate.summary()}")
+            click.echo(f"Will it fit? {estimate.summary()}", err=True)
         if distributed is not None:
             qwen, processor, _ = load_distributed(model_dir, distributed, dtype, group)
         else:
