@@ -51,16 +51,16 @@ CHILD = """
 import os, signal, sys
 from mlx_qwen35.weights import convert_write
 
-real = convert_write._ShardWriter.write
+real = convert_write.ShardWriter.write
 count = [0]
 
-def write_then_sigterm(self, key, value):
-    real(self, key, value)
+def write_then_sigterm(self, key, value, index=None):
+    real(self, key, value, index)
     count[0] += 1
     if count[0] == 3:  # a few tensors are on disk in the temporary folder
         os.kill(os.getpid(), signal.SIGTERM)
 
-convert_write._ShardWriter.write = write_then_sigterm
+convert_write.ShardWriter.write = write_then_sigterm
 from mlx_qwen35.cli.convert import main
 main(sys.argv[1:])
 """
