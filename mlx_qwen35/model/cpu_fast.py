@@ -135,24 +135,40 @@ def exp_neg(x: mx.array) -> mx.array:
     return _exp_neg(x)
 
 
-def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def causal_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    *,
+    key_mask: mx.array | None = None,
+    block: int = _ATTENTION_BLOCK,
+) -> mx.array:
     """Causal softmax attention for prefill on the CPU.
 
     q: [B, nh, T, D]; k, v: [B, nkv, S, D] with S = (cached tokens) + T; query i sees keys up to
-    S - T + i; query head h uses key head h // (nh / nkv). Returns [B, nh, T, D] in q.dtype.
+    S - T + i; query head h uses key head h // (nh / nkv). key_mask [B, S]: keys to hide besides
+    the causal ones (left padding). Queries go in blocks of at most `block` rows (callers bound
+    the scores a block holds). Returns [B, nh, T, D] in q.dtype.
     """
     B, nh, T, D = q.shape
     nkv, S = k.shape[1], k.shape[2]
     past = S - T
+    block = max(1, min(block, _ATTENTION_BLOCK))
     q = (q * scale).reshape(B, nkv, nh // nkv, T, D)
     k, v = k[:, :, None], v[:, :, None]
+    # A finite floor when padding may hide every key of a (padded) query row: its weights come
+    # out uniform instead of NaN, and no real row ever looks at it.
+    hidden = -math.inf if key_mask is None else mx.finfo(mx.float32).min
     outs = []
-    for start in range(0, T, _ATTENTION_BLOCK):
-        end = min(start + _ATTENTION_BLOCK, T)
+    for start in range(0, T, block):
+        end = min(start + block, T)
         seen = past + end
         scores = q[..., start:end, :] @ k[..., :seen, :].swapaxes(-1, -2)
         visible = mx.arange(past + start, past + end)[:, None] >= mx.arange(seen)[None]
-        scores = mx.where(visible, scores.astype(mx.float32), -math.inf)
+        if key_mask is not None:
+            visible = visible & key_mask[:, None, None, None, :seen]
+        scores = mx.where(visible, scores.astype(mx.float32), hidden)
         p = _exp_shifted(scores, mx.max(scores, axis=-1, keepdims=True))
         p = p * (1.0 / p.sum(axis=-1, keepdims=True))
         outs.append(p.astype(v.dtype) @ v[..., :seen, :])

@@ -12,8 +12,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import attention
 from .config import RopeConfig, TextConfig
-from .cpu_fast import causal_attention, linear, on_cpu, sigmoid, silu, swiglu
+from .cpu_fast import linear, sigmoid, silu, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -211,11 +212,6 @@ class GatedAttention(nn.Module):
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
 
-        if isinstance(mask, str) and mask == "causal" and on_cpu():
-            out = causal_attention(queries, keys, values, self.scale)
-        else:
-            out = mx.fast.scaled_dot_product_attention(
-                queries, keys, values, scale=self.scale, mask=mask
-            )
+        out = attention(queries, keys, values, scale=self.scale, mask=mask, cache=cache)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.o_proj(out * sigmoid(gate))

@@ -7,9 +7,9 @@ so mlx-lm's generation utilities can drive it.
 
 Images and videos enter through `prepare_inputs`: the vision tower runs once per prompt, its
 features replace the `<|image_pad|>` / `<|video_pad|>` embeddings, and the prompt gets 3-D rotary
-positions. The caches remember where positions stand (`KVCache.rope_delta`: the token at cache index
-n has position n + rope_delta), so decoding, chunked prefill and later turns with new images all
-continue the same walk.
+positions. The caches remember where positions stand (`AttentionCache.rope_delta`: the token at
+cache index n has position n + rope_delta), so decoding, chunked prefill and later turns with new
+images all continue the same walk.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..threads import release_thread_state_at_exit
-from .cache import KVCache, make_cache
+from .attention import PaddingMask
+from .cache import AttentionCache, make_cache
 from .config import ModelConfig, TextConfig
 from .cpu_fast import linear
 from .gated_delta import gated_delta_core
@@ -156,7 +157,7 @@ class Qwen3_5TextModel(nn.Module):
             # (images advance positions by less than their token count, padding by nothing).
             rope_delta = mx.max(position_ids, axis=(0, 2)).astype(mx.int32) + 1 - (offset + T)
             for c in cache:
-                if isinstance(c, KVCache):
+                if isinstance(c, AttentionCache):
                     c.rope_delta = rope_delta
         if attn_cache is not None:
             # Every attention layer's cache knows the padding, so batches can split and merge.
@@ -193,8 +194,8 @@ def _masks_and_positions(
     continue the same way.
     """
     offset = cache.offset if cache is not None else 0
-    key_mask = cache.key_mask if isinstance(cache, KVCache) else None
-    rope_delta = cache.rope_delta if isinstance(cache, KVCache) else None
+    key_mask = cache.key_mask if isinstance(cache, AttentionCache) else None
+    rope_delta = cache.rope_delta if isinstance(cache, AttentionCache) else None
     explicit = position_ids is not None
     pad_mask = None
     if attention_mask is not None:
@@ -206,9 +207,8 @@ def _masks_and_positions(
         if key_mask is None:
             key_mask = mx.ones((B, offset), dtype=mx.bool_)
         key_mask = mx.concatenate([key_mask, step_mask], axis=1)  # [B, offset + T]
-        causal = mx.arange(offset, offset + T)[:, None] >= mx.arange(offset + T)[None]
-        mask = causal[None, None] & key_mask[:, None, None, :]
-        if isinstance(cache, KVCache):
+        mask = PaddingMask(key_mask)  # the attention builds its [rows, keys] slices from it
+        if isinstance(cache, AttentionCache):
             cache.key_mask = key_mask
     else:
         mask = "causal" if T > 1 else None
@@ -356,7 +356,7 @@ class Model(nn.Module):
     def next_positions(self, cache: list[Any] | None, batch: int = 1) -> np.ndarray:
         """[batch] int64: the rotary position the next token of each row takes (cache offset +
         rope_delta; 0 for no cache)."""
-        kv = next((c for c in cache or [] if isinstance(c, KVCache)), None)
+        kv = next((c for c in cache or [] if isinstance(c, AttentionCache)), None)
         if kv is None:
             return np.zeros(batch, dtype=np.int64)
         start = np.full(batch, kv.offset, dtype=np.int64)
