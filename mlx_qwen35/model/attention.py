@@ -3,32 +3,36 @@
 One entry point, `attention`, picks how:
 - a quantized cache (keys/values as `mx.quantize` triples): scores and outputs through
   `mx.quantized_matmul`, as mlx-lm's `quantized_scaled_dot_product_attention` does; on the CPU a
-  multi-token step instead dequantizes the keys/values it reads and multiplies them with BLAS,
-  ~20x faster there than MLX's CPU quantized matmul (the values are the same: a dequantized
-  element is exactly what the quantized matmul multiplies by);
+  multi-token step instead dequantizes the keys/values and multiplies them with BLAS, ~20x faster
+  there than MLX's CPU quantized matmul (a dequantized element is exactly the value the quantized
+  matmul multiplies by);
 - plain keys/values: `mx.fast.scaled_dot_product_attention`, or on the CPU the block-causal
-  `cpu_fast.causal_attention` for prompts.
+  `cpu_fast.causal_attention_rows` for prompts.
 
-Memory stays bounded however long the context: every path that could score all T x S pairs of a
-long prefill step at once (the unfused fallbacks do) takes the queries in blocks of at most
-`SCORE_BUDGET` scores, and a block of a causal step reads only the keys it can see. Left padding
-comes as a `PaddingMask` (the keys' [B, S] validity) rather than a [B, 1, T, S] boolean mask, so
-each block builds only its own slice of the mask.
+Memory stays bounded however long the context. A long prefill step would otherwise score all
+T x S pairs at once (the unfused paths do, and MLX has no fused kernel for head_dim 256 prompts),
+so the queries go in blocks of at most `SCORE_BUDGET` scores, and a causal block reads only the
+keys it can see. With several blocks, each is evaluated before the next is built: MLX schedules
+independent work ahead (breadth first, allocating outputs as it goes), which would hold many
+blocks' scores at once. Left padding comes as a `PaddingMask` (the keys' [B, S] validity) rather
+than a [B, 1, T, S] boolean mask, so each block builds only its own slice of the mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
-from .cpu_fast import causal_attention, on_cpu
+from .cpu_fast import causal_attention_rows, on_cpu
 
-# Largest number of scores (B x heads x query rows x keys) one block may hold: 128 MB in fp32,
-# whatever the context length.
-SCORE_BUDGET = 1 << 25
+# Most scores (B x heads x query rows x keys) one block may hold: 64 MB in fp32, whatever the
+# context length. The CPU path keeps ~7 arrays of that size alive while a block runs.
+SCORE_BUDGET = 1 << 24
+# Rows of the CPU's causal blocks at most: past this, bigger blocks stop paying off.
+CPU_BLOCK_ROWS = 128
 # Steps of at most this many queries (decode, speculative verify) score everything at once.
 SMALL_STEP = 8
 
@@ -41,33 +45,36 @@ class PaddingMask:
     key_mask: mx.array
 
 
-def query_block(batch: int, heads: int, keys: int, rows: int, budget: int = SCORE_BUDGET) -> int:
+def query_block(batch: int, heads: int, keys: int, rows: int) -> int:
     """How many query rows one block takes so that batch x heads x block x keys <= budget."""
-    return max(1, min(rows, budget // max(1, batch * heads * keys)))
+    return max(1, min(rows, SCORE_BUDGET // max(1, batch * heads * keys)))
 
 
-def _blocks(T: int, block: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, T, block):
-        yield start, min(start + block, T)
+def _is_causal(mask: Any) -> bool:
+    return isinstance(mask, PaddingMask) or (isinstance(mask, str) and mask == "causal")
+
+
+def _blockwise(T: int, rows: int, block: Callable[[int, int], mx.array]) -> mx.array:
+    """block(start, end) over the query rows [0, T) in blocks of `rows`, joined on axis -2."""
+    if rows >= T:
+        return block(0, T)
+    outs = []
+    for start in range(0, T, rows):
+        out = block(start, min(start + rows, T))
+        mx.eval(out)  # see the module docstring: one block's scores alive at a time
+        outs.append(out)
+    return mx.concatenate(outs, axis=-2)
 
 
 def _block_mask(mask: Any, past: int, start: int, end: int, seen: int) -> Any:
-    """The mask of query rows [start, end) over the first `seen` keys, [B, 1, rows, seen] (or
-    None / "causal" / the caller's array slice)."""
-    if mask is None:
-        return None
+    """The mask of query rows [start, end) over the first `seen` keys: None, "causal" (lower
+    right aligned), [B, 1, rows, seen] bool for a PaddingMask, or the caller's array's slice."""
+    if mask is None or isinstance(mask, str):
+        return mask
     if isinstance(mask, PaddingMask):
         causal = mx.arange(past + start, past + end)[:, None] >= mx.arange(seen)[None]
         return causal[None, None] & mask.key_mask[:, None, None, :seen]
-    if isinstance(mask, str):
-        return "causal"
     return mask[..., start:end, :seen]
-
-
-def _sees_up_to(mask: Any, past: int, end: int, S: int) -> int:
-    """How many leading keys the query rows up to `end` can see."""
-    causal = isinstance(mask, PaddingMask) or (isinstance(mask, str) and mask == "causal")
-    return past + end if causal else S
 
 
 def attention(
@@ -81,32 +88,32 @@ def attention(
     """
     if isinstance(keys, tuple):
         return _quantized(queries, keys, values, scale, mask, cache.group_size, cache.bits)
-    B, nh, T, _ = queries.shape
-    S = keys.shape[2]
-    causal = isinstance(mask, PaddingMask) or (isinstance(mask, str) and mask == "causal")
-    if on_cpu() and causal and T > 1:
-        key_mask = mask.key_mask if isinstance(mask, PaddingMask) else None
-        rows = query_block(B, nh, S, T)
-        return causal_attention(queries, keys, values, scale, key_mask=key_mask, block=rows)
-    if T <= SMALL_STEP:
-        return mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=scale, mask=_block_mask(mask, S - T, 0, T, S)
-        )
-    rows = query_block(B, nh, S, T)
+    B, nh, T, D = queries.shape
+    nkv, S = keys.shape[1], keys.shape[2]
     past = S - T
-    outs = []
-    for start, end in _blocks(T, rows):
-        seen = _sees_up_to(mask, past, end, S)
-        outs.append(
-            mx.fast.scaled_dot_product_attention(
-                queries[..., start:end, :],
-                keys[..., :seen, :],
-                values[..., :seen, :],
-                scale=scale,
-                mask=_block_mask(mask, past, start, end, seen),
-            )
+    if on_cpu() and _is_causal(mask) and T > 1:
+        key_mask = mask.key_mask if isinstance(mask, PaddingMask) else None
+        q = (queries * scale).reshape(B, nkv, nh // nkv, T, D)
+        k, v = keys[:, :, None], values[:, :, None]
+
+        def cpu_block(start: int, end: int) -> mx.array:
+            return causal_attention_rows(q[..., start:end, :], k, v, past + start, key_mask)
+
+        rows = min(CPU_BLOCK_ROWS, query_block(B, nh, S, T))
+        return _blockwise(T, rows, cpu_block).reshape(B, nh, T, D)
+
+    def block(start: int, end: int) -> mx.array:
+        seen = past + end if _is_causal(mask) else S
+        return mx.fast.scaled_dot_product_attention(
+            queries[..., start:end, :],
+            keys[..., :seen, :],
+            values[..., :seen, :],
+            scale=scale,
+            mask=_block_mask(mask, past, start, end, seen),
         )
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+    rows = T if T <= SMALL_STEP else query_block(B, nh, S, T)
+    return _blockwise(T, rows, block)
 
 
 def _quantized(
@@ -131,10 +138,9 @@ def _quantized(
     k_q = tuple(x[:, :, None] for x in keys)
     v_q = tuple(x[:, :, None] for x in values)
     past = S - T
-    rows = query_block(B, nh, S, T)
-    outs = []
-    for start, end in _blocks(T, rows):
-        seen = _sees_up_to(mask, past, end, S)
+
+    def block(start: int, end: int) -> mx.array:
+        seen = past + end if _is_causal(mask) else S
         scores = mx.quantized_matmul(
             q[..., start:end, :],
             *(x[..., :seen, :] for x in k_q),
@@ -151,17 +157,16 @@ def _quantized(
             else:
                 scores = scores + block_mask
         weights = mx.softmax(scores, axis=-1, precise=True)
-        outs.append(
-            mx.quantized_matmul(
-                weights,
-                *(x[..., :seen, :] for x in v_q),
-                transpose=False,
-                group_size=group_size,
-                bits=bits,
-            )
+        return mx.quantized_matmul(
+            weights,
+            *(x[..., :seen, :] for x in v_q),
+            transpose=False,
+            group_size=group_size,
+            bits=bits,
         )
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-2)
-    return out.reshape(B, nh, T, D)
+
+    rows = T if T <= SMALL_STEP else query_block(B, nh, S, T)
+    return _blockwise(T, rows, block).reshape(B, nh, T, D)
 
 
 def _gqa_mask(mask: Any, nkv: int, rep: int) -> Any:
@@ -169,6 +174,5 @@ def _gqa_mask(mask: Any, nkv: int, rep: int) -> Any:
     against scores laid out [B, nkv, rep, rows, keys]."""
     if not isinstance(mask, mx.array) or mask.ndim < 4:
         return mask
-    heads = mask.shape[1]
-    lead = (nkv, rep) if heads > 1 else (1, 1)
+    lead = (nkv, rep) if mask.shape[1] > 1 else (1, 1)
     return mask.reshape(mask.shape[0], *lead, *mask.shape[2:])

@@ -12,7 +12,7 @@ Three things are slow there, all measured on this project's 2-core x86 machine w
   at ~2.5 ns per element, accurate to ~3e-7 relative;
 - causal attention: the fallback of mx.fast.scaled_dot_product_attention scores all T x S pairs
   and masks half of them. Query blocks that only score the keys they can see, with the fast
-  softmax, take less than half the time at T = 2048.
+  softmax, take less than half the time at T = 2048 (`causal_attention_rows`, one block).
 Every function here is exact up to fp32 rounding, and callers use it only when the default device
 is the CPU (`on_cpu()`).
 """
@@ -29,7 +29,6 @@ _GEMV_CALL_ELEMENTS = 1 << 18
 _SMALL_ROWS = 8
 # Matrices from this many elements (64 MB in fp32) up are split over two CPU streams.
 _GEMV_SPLIT_ELEMENTS = 1 << 24
-_ATTENTION_BLOCK = 128
 _LOG2E = 1.4426950408889634
 # Taylor coefficients of 2^f = e^(f ln 2); on |f| <= 1/2 the degree-6 remainder is ~1e-7.
 _EXP2 = tuple(math.log(2) ** i / math.factorial(i) for i in range(7))
@@ -135,42 +134,26 @@ def exp_neg(x: mx.array) -> mx.array:
     return _exp_neg(x)
 
 
-def causal_attention(
-    q: mx.array,
-    k: mx.array,
-    v: mx.array,
-    scale: float,
-    *,
-    key_mask: mx.array | None = None,
-    block: int = _ATTENTION_BLOCK,
+def causal_attention_rows(
+    q: mx.array, k: mx.array, v: mx.array, first: int, key_mask: mx.array | None = None
 ) -> mx.array:
-    """Causal softmax attention for prefill on the CPU.
+    """Causal softmax attention of a block of query rows, for prefill on the CPU.
 
-    q: [B, nh, T, D]; k, v: [B, nkv, S, D] with S = (cached tokens) + T; query i sees keys up to
-    S - T + i; query head h uses key head h // (nh / nkv). key_mask [B, S]: keys to hide besides
-    the causal ones (left padding). Queries go in blocks of at most `block` rows (callers bound
-    the scores a block holds). Returns [B, nh, T, D] in q.dtype.
+    q: [B, nkv, rep, R, D], already scaled; query head (g, r) uses key head g. Row i of the block
+    sits at key position first + i and sees keys 0 .. first + i of k, v [B, nkv, 1, S, D].
+    key_mask [B, S]: keys to hide besides the causal ones (left padding). Returns
+    [B, nkv, rep, R, D] in v.dtype. Callers cut prompts into blocks (`model/attention.py`).
     """
-    B, nh, T, D = q.shape
-    nkv, S = k.shape[1], k.shape[2]
-    past = S - T
-    block = max(1, min(block, _ATTENTION_BLOCK))
-    q = (q * scale).reshape(B, nkv, nh // nkv, T, D)
-    k, v = k[:, :, None], v[:, :, None]
+    seen = first + q.shape[-2]
+    scores = q @ k[..., :seen, :].swapaxes(-1, -2)
+    visible = mx.arange(first, seen)[:, None] >= mx.arange(seen)[None]
     # A finite floor when padding may hide every key of a (padded) query row: its weights come
     # out uniform instead of NaN, and no real row ever looks at it.
-    hidden = -math.inf if key_mask is None else mx.finfo(mx.float32).min
-    outs = []
-    for start in range(0, T, block):
-        end = min(start + block, T)
-        seen = past + end
-        scores = q[..., start:end, :] @ k[..., :seen, :].swapaxes(-1, -2)
-        visible = mx.arange(past + start, past + end)[:, None] >= mx.arange(seen)[None]
-        if key_mask is not None:
-            visible = visible & key_mask[:, None, None, None, :seen]
-        scores = mx.where(visible, scores.astype(mx.float32), hidden)
-        p = _exp_shifted(scores, mx.max(scores, axis=-1, keepdims=True))
-        p = p * (1.0 / p.sum(axis=-1, keepdims=True))
-        outs.append(p.astype(v.dtype) @ v[..., :seen, :])
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-2)
-    return out.reshape(B, nh, T, D)
+    hidden = -math.inf
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, None, :seen]
+        hidden = mx.finfo(mx.float32).min
+    scores = mx.where(visible, scores.astype(mx.float32), hidden)
+    p = _exp_shifted(scores, mx.max(scores, axis=-1, keepdims=True))
+    p = p * (1.0 / p.sum(axis=-1, keepdims=True))
+    return p.astype(v.dtype) @ v[..., :seen, :]
