@@ -63,7 +63,7 @@ def test_bad_context_input_is_one_line(args, message):
     result = invoke("--config", "tiny", *args)
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if not line.startswith("warning:")]
-    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+    assert len(errors) == 1 and errors[0].startswith("Error: ") and message in errors[0]
 
 
 def test_parse_contexts():

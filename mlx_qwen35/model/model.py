@@ -162,7 +162,7 @@ class Qwen3_5TextModel(nn.Module):
         if attn_cache is not None:
             # Every attention layer's cache knows the padding, so batches can split and merge.
             for c in cache:
-                if isinstance(c, KVCache):
+                if isinstance(c, AttentionCache):
                     c.key_mask = attn_cache.key_mask
         if self.pipeline_group is not None:
             from .distributed import run_pipeline_stage
