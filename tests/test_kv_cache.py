@@ -300,3 +300,43 @@ def test_image_prompt_continues_its_position_walk_over_a_quantized_cache(tmp_pat
     assert expected < 0
     assert model.next_positions(quant).tolist() == model.next_positions(plain).tolist()
     assert 0 < rel_err(ours, ref) < 2e-3
+
+
+def test_quantized_rows_merge_filter_and_extract_like_each_row_alone(model):
+    """Rows of different lengths, each prefilled alone into a quantized cache, stacked into one
+    batch (left padding), decoded together, one row dropped, one copied out: every row gives
+    what it gives alone, and the batch refuses a cache of another format."""
+    prompts = [PROMPT[:90], PROMPT[100:137], PROMPT[200:261]]
+    step_ids = [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
+
+    def prefilled(ids):
+        cache = model.make_cache()
+        model(mx.array(ids[None]), cache=cache)
+        maybe_quantize_kv_cache(cache, 0, 64, 4)
+        return cache
+
+    solo = []
+    for ids, steps in zip(prompts, step_ids, strict=True):
+        cache = prefilled(ids)
+        solo.append([np.array(model(mx.array([[t]]), cache=cache)[0, -1]) for t in steps])
+    rows = [prefilled(ids) for ids in prompts]
+    batch = [type(layers[0]).merge(list(layers)) for layers in zip(*rows, strict=True)]
+    assert isinstance(batch[3], QuantizedKVCache) and batch[3].batch_size == 3
+    assert batch[3].row_padding() == [0, 53, 29]
+    for s in range(2):
+        out = model(mx.array([[ids[s]] for ids in step_ids]), cache=batch)[:, -1]
+        for r in range(3):
+            assert rel_err(np.array(out[r]), solo[r][s]) < 1e-5
+    for c in batch:
+        c.filter([2, 1])  # drop the longest row: the padding both others share goes too
+    assert batch[3].offset == 61 + 2 and batch[3].row_padding() == [0, 24]
+    out = model(mx.array([[step_ids[2][2]], [step_ids[1][2]]]), cache=batch)[:, -1]
+    assert rel_err(np.array(out[0]), solo[2][2]) < 1e-5
+    assert rel_err(np.array(out[1]), solo[1][2]) < 1e-5
+    row = [c.extract(1) for c in batch]
+    assert isinstance(row[3], QuantizedKVCache) and row[3].offset == 37 + 3
+    assert row[3].keys[0].shape[0] == 1 and row[3].kv_format == (4, 64)
+    plain = model.make_cache()
+    model(mx.array(prompts[0][None]), cache=plain)
+    with pytest.raises(ValueError, match="different formats"):
+        QuantizedKVCache.merge([batch[3], plain[3]])
