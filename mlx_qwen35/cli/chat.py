@@ -279,6 +279,7 @@ def _input_lines(prompt: str) -> Any:
 @click.option("--hide-thinking", is_flag=True, help="Do not print the thinking block.")
 @cli.dtype_option
 @cli.prefill_step_size_option("Prompt tokens per prefill step.")
+@cli.kv_cache_options
 @click.option(
     "--max-snapshots",
     type=click.IntRange(min=0),
@@ -312,6 +313,9 @@ def main(
     hide_thinking: bool,
     dtype: str | None,
     prefill_step_size: int,
+    kv_bits: int | None,
+    kv_group_size: int,
+    quantized_kv_start: int,
     max_snapshots: int | None,
     draft_model: str | None,
     num_draft_tokens: int,
@@ -322,6 +326,7 @@ def main(
     from ..engine.sampling import check_sampling
     from ..engine.session import ChatSession
     from ..inputs.processor import apply_media_options, check_media_options
+    from ..model.cache import check_kv_settings
     from ..weights.loading import load
 
     given = {
@@ -341,6 +346,10 @@ def main(
     if draft_model is not None:
         given["num_draft_tokens"] = num_draft_tokens
     overrides = {k: v for k, v in given.items() if v is not None}
+    if kv_bits is not None:  # the KV settings go together (a /load without them keeps its own)
+        overrides.update(
+            kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start
+        )
     try:
         if system is not None:
             cli.check_utf8(system, "the system prompt")
@@ -363,6 +372,7 @@ def main(
         )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         cli.check_speculative(draft_model, num_draft_tokens, draft_vocab)
+        check_kv_settings(kv_bits, kv_group_size, quantized_kv_start)
         qwen, processor = load(model, dtype=dtype)
         processor = apply_media_options(
             processor, fps=fps, max_pixels=max_pixels, max_frames=max_frames

@@ -38,6 +38,7 @@ DEFAULT_PROMPT = "hello"
 @cli.dtype_option
 @cli.prefill_step_size_option("Prompt tokens per prefill step (bounds memory for long prompts).")
 @cli.speculative_options
+@cli.kv_cache_options
 @click.option(
     "--distributed",
     type=click.Choice(["tensor", "pipeline"]),
@@ -74,6 +75,9 @@ def main(
     draft_model: str | None,
     num_draft_tokens: int,
     draft_vocab: int | None,
+    kv_bits: int | None,
+    kv_group_size: int,
+    quantized_kv_start: int,
     distributed: str | None,
     verbose: bool,
 ) -> None:
@@ -82,6 +86,7 @@ def main(
     from ..engine.sampling import check_sampling
     from ..inputs.processor import check_media_options
     from ..inputs.prompt import _check_text_prompt
+    from ..model.cache import check_kv_settings
     from ..weights import fit
     from ..weights.loading import load, resolve_model_path
 
@@ -105,6 +110,7 @@ def main(
         )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         cli.check_speculative(draft_model, num_draft_tokens, draft_vocab)
+        check_kv_settings(kv_bits, kv_group_size, quantized_kv_start)
         _check_text_prompt(prompt)
         model_dir = resolve_model_path(model)
         group = None
@@ -152,6 +158,9 @@ def main(
             enable_thinking=think,
             seed=seed,
             prefill_step_size=prefill_step_size,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start,
             verbose=verbose,
             draft_model=draft_model,
             num_draft_tokens=num_draft_tokens,

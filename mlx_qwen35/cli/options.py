@@ -192,3 +192,32 @@ def read_stdin(what: str) -> str:
 
 def thinking_budget_option(help: str) -> Decorator:
     return click.option("--thinking-budget", type=click.IntRange(min=0), default=None, help=help)
+
+
+# mlx-lm's KV-cache defaults, as model/cache.py has them (not imported here: --help stays light;
+# a test keeps them equal).
+KV_GROUP_SIZE = 64
+QUANTIZED_KV_START = 5000
+
+kv_cache_options = options(
+    click.option(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="Quantize the KV cache to 4 or 8 bits (long contexts in less memory) [off].",
+    ),
+    click.option(
+        "--kv-group-size",
+        type=int,
+        default=KV_GROUP_SIZE,
+        show_default=True,
+        help="Group size of the KV cache quantization.",
+    ),
+    click.option(
+        "--quantized-kv-start",
+        type=int,
+        default=QUANTIZED_KV_START,
+        show_default=True,
+        help="With --kv-bits, quantize once the cache holds this many tokens.",
+    ),
+)

@@ -1,6 +1,6 @@
 """`python -m mlx_qwen35.server`: OpenAI, Anthropic and Responses APIs over the engine.
 
-Options that the other workers add (--kv-bits, --distributed) go into
+Options that the other workers add (--distributed) go into
 `server_options` below as shared decorators from options.py, and into `ServerConfig`.
 """
 
@@ -49,6 +49,7 @@ def server_options(f: Any) -> Any:
         cli.thinking_budget_option("Close the thinking block after this many tokens."),
         cli.dtype_option,
         cli.speculative_options,
+        cli.kv_cache_options,
         click.option(
             "--max-concurrency",
             type=click.IntRange(min=1),
@@ -107,6 +108,7 @@ def main(**flags: Any) -> None:
 
 def config_from_flags(flags: dict[str, Any]) -> Any:
     from ..engine.sampling import check_sampling
+    from ..model.cache import check_kv_settings
     from ..server.media import MediaLimits
     from ..server.state import ServerConfig
 
@@ -133,6 +135,7 @@ def config_from_flags(flags: dict[str, Any]) -> Any:
         **checked,
     )
     cli.check_speculative(flags["draft_model"], flags["num_draft_tokens"], flags["draft_vocab"])
+    check_kv_settings(flags["kv_bits"], flags["kv_group_size"], flags["quantized_kv_start"])
     return ServerConfig(
         model=flags["model"],
         served_model_names=list(flags["served_model_names"]),
@@ -149,6 +152,9 @@ def config_from_flags(flags: dict[str, Any]) -> Any:
         draft_model=flags["draft_model"],
         num_draft_tokens=flags["num_draft_tokens"],
         draft_vocab=flags["draft_vocab"],
+        kv_bits=flags["kv_bits"],
+        kv_group_size=flags["kv_group_size"],
+        quantized_kv_start=flags["quantized_kv_start"],
     )
 
 

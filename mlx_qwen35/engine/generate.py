@@ -26,6 +26,7 @@ import mlx.core as mx
 from ..errors import UserError
 from ..inputs.processor import apply_media_options
 from ..inputs.prompt import prepare_prompt
+from ..model.cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START
 from .request import LogitsProcessor, Request, SamplingParams
 from .sampling import check_sampling
 from .scheduler import engine_for
@@ -153,6 +154,9 @@ def stream_generate(
     draft_model: Any = None,
     num_draft_tokens: int = 3,
     draft_vocab: int | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> Iterator[GenerationResponse]:
     """Generate a reply to `prompt`, one `GenerationResponse` per token.
 
@@ -175,6 +179,8 @@ def stream_generate(
         (path or Hub id of a smaller Qwen3.5 with the same tokenizer) or a loaded draft Model;
         `num_draft_tokens` drafts per verification; `draft_vocab` lets draft heads score only
         that many token ids. The output is what plain decoding gives (see engine/speculative.py).
+    kv_bits (4 or 8) / kv_group_size / quantized_kv_start: mlx-lm's KV-cache quantization: the
+        full-attention keys/values are quantized once the cache holds quantized_kv_start tokens.
     Stops at an end-of-turn token (<|im_end|>, generation_config's eos) or after `max_tokens`.
     """
     if prompt is None:
@@ -235,6 +241,9 @@ def stream_generate(
         draft_model=draft_model,
         num_draft_tokens=num_draft_tokens,
         draft_vocab=draft_vocab,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     )
     handle = engine_for(model, processor).submit(request)
     return _responses(handle, processor, progress)
@@ -351,11 +360,15 @@ def batch_generate(
     frequency_penalty: float | None = None,
     seed: int | None = None,
     prefill_step_size: int = 2048,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
 ) -> BatchResponse:
     """Replies to several prompts, decoded together (mlx-lm's `batch_generate`).
 
     prompts: each a text, chat messages or token ids (as for `generate`). max_tokens: one for all
     or one per prompt. A seed gives prompt i the seed + i. The stop token is not part of a text.
+    kv_bits / kv_group_size / quantized_kv_start: as for `stream_generate`, for every prompt.
     """
     prompts = list(prompts)
     if not prompts:
@@ -393,6 +406,9 @@ def batch_generate(
                 position_ids=positions,
                 stop_token_ids=processor.eos_token_ids,
                 prefill_step_size=prefill_step_size,
+                kv_bits=kv_bits,
+                kv_group_size=kv_group_size,
+                quantized_kv_start=quantized_kv_start,
             )
         )
     engine = engine_for(model, processor)

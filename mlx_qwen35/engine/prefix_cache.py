@@ -23,12 +23,15 @@ import itertools
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from ..model.cache import GatedDeltaCache, KVCache, owned_copy
+from ..model.cache import AttentionCache, GatedDeltaCache, KVCache, QuantizedKVCache, owned_copy
 from .request import MediaSpan
+
+if TYPE_CHECKING:
+    from .kv_settings import KVSettings
 
 # Default bound of one engine's prefix cache. At 0.8B (fp32 KV, 6 attention layers) a token costs
 # 24.6 KB and a snapshot's DeltaNet states ~19 MB; 2 GiB holds a few long conversations.
@@ -41,19 +44,23 @@ _clock = itertools.count()
 class PrefixEntry:
     """The model state after `tokens`.
 
-    layers: per decoder layer, ("kv", keys [1, n_kv, n, d], values) or ("gdn", conv [1, K-1, C],
-    state [1, Hv, Dv, Dk] fp32). rope_delta: [1] int32 or None (the token at index n has
-    position n + rope_delta). media: the media spans inside `tokens`, with their content keys.
+    layers: per decoder layer, ("kv", keys [1, n_kv, n, d], values), ("qkv", keys, values) as
+    `mx.quantize` triples, or ("gdn", conv [1, K-1, C], state [1, Hv, Dv, Dk] fp32). kv_format:
+    (kv_bits, kv_group_size, quantized_kv_start) of quantized KV layers (engine/kv_settings.py),
+    None for plain ones: only requests with those settings resume from it. rope_delta: [1] int32
+    or None (the token at index n has position n + rope_delta). media: the media spans inside
+    `tokens`, with their content keys.
     kind: "boundary" (a message end) or "final" (the end of a reply). owners: the tags of the
     requests that made or reached it (`Request.cache_owner`): an entry with owners lives until
     the last one releases it (or LRU eviction), one without lives by LRU alone.
     """
 
     tokens: tuple[int, ...] = field(repr=False)
-    layers: list[tuple[str, mx.array, mx.array]] = field(repr=False)
+    layers: list[tuple[str, Any, Any]] = field(repr=False)
     rope_delta: mx.array | None = field(default=None, repr=False)
     media: tuple[MediaSpan, ...] = ()
     kind: str = "boundary"
+    kv_format: tuple[int, int, int] | None = None
     owners: set = field(default_factory=set, repr=False)
     last_used: int = field(default_factory=lambda: next(_clock))
 
@@ -63,7 +70,7 @@ class PrefixEntry:
 
     @property
     def nbytes(self) -> int:
-        total = sum(a.nbytes + b.nbytes for _, a, b in self.layers)
+        total = sum(x.nbytes for x in self.arrays())
         return total + (self.rope_delta.nbytes if self.rope_delta is not None else 0)
 
     @property
@@ -74,7 +81,15 @@ class PrefixEntry:
 
     @property
     def key(self) -> tuple:
-        return (self.tokens, self.media)
+        return (self.tokens, self.media, self.kv_format)
+
+    def arrays(self) -> list[mx.array]:
+        """Every array of every layer, in order (a quantized layer's triples flattened)."""
+        out = []
+        for _, a, b in self.layers:
+            for x in (a, b):
+                out.extend(x if isinstance(x, tuple) else (x,))
+        return out
 
     def make_cache(self) -> list[Any]:
         """A fresh one-row cache holding this state (the entry stays untouched)."""
@@ -82,6 +97,9 @@ class PrefixEntry:
         for kind, a, b in self.layers:
             if kind == "kv":
                 out.append(KVCache.from_prefix(a, b, self.rope_delta))
+            elif kind == "qkv":
+                bits, group_size, _ = self.kv_format
+                out.append(QuantizedKVCache.from_prefix(a, b, self.rope_delta, group_size, bits))
             else:
                 c = GatedDeltaCache()
                 c.cache = [a, b]  # never written in place: each step makes new state arrays
@@ -96,22 +114,22 @@ class PrefixEntry:
         media: Iterable[MediaSpan] = (),
         **info: Any,
     ) -> PrefixEntry:
-        """A snapshot of a one-row, unpadded cache that holds exactly `tokens` (copies)."""
+        """A snapshot of a one-row, unpadded cache that holds exactly `tokens` (copies); pass
+        `kv_format` when its KV layers are quantized."""
         n = len(tokens)
-        layers: list[tuple[str, mx.array, mx.array]] = []
+        layers: list[tuple[str, Any, Any]] = []
         rope_delta = None
         for c in cache:
-            if isinstance(c, KVCache):
+            if isinstance(c, AttentionCache):
                 if c.offset != n:
                     raise ValueError(f"the cache holds {c.offset} tokens, not {n}")
-                layers.append(("kv", *c.prefix(n)))
+                layers.append(("kv" if isinstance(c, KVCache) else "qkv", *c.prefix(n)))
                 if c.rope_delta is not None:
                     rope_delta = owned_copy(c.rope_delta)
             else:
                 # The conv state may be a view of a whole prefill window: copy.
                 layers.append(("gdn", owned_copy(c[0]), owned_copy(c[1])))
-        arrays = [x for _, a, b in layers for x in (a, b)]
-        mx.eval(arrays, rope_delta if rope_delta is not None else [])
+        mx.eval(layers, rope_delta if rope_delta is not None else [])
         media = tuple(m for m in media if m.end <= n)
         owner = info.pop("owner", None)
         owners = {owner} if owner is not None else set()
@@ -161,12 +179,14 @@ class PrefixCache:
         self,
         tokens: Sequence[int],
         media: Sequence[MediaSpan] = (),
+        kv: KVSettings | None = None,
         *,
         limit: int | None = None,
     ) -> PrefixEntry | None:
         """The longest entry whose tokens are a prefix of `tokens`, at most `limit` long
         (default len(tokens) - 1), not ending strictly inside a span of `media`, whose own media
-        are exactly the spans of `media` it covers (same positions and keys). Marks it used."""
+        are exactly the spans of `media` it covers (same positions and keys), in the KV format a
+        request with settings `kv` would have at its length (default: plain). Marks it used."""
         limit = len(tokens) - 1 if limit is None else min(limit, len(tokens) - 1)
         media = tuple(media)
         best: PrefixEntry | None = None
@@ -176,6 +196,8 @@ class PrefixCache:
                 if n > limit or (best is not None and n < best.length) or _inside(n, media):
                     continue
                 if entry.media != tuple(m for m in media if m.end <= n):
+                    continue
+                if entry.kv_format != (kv.format_at(n) if kv is not None else None):
                     continue
                 if any(s.key is None for s in entry.media):
                     continue
@@ -206,12 +228,16 @@ class PrefixCache:
         return True
 
     def adopt(
-        self, tokens: Sequence[int], media: Sequence[MediaSpan] = (), owner: Any = None
+        self,
+        tokens: Sequence[int],
+        media: Sequence[MediaSpan] = (),
+        owner: Any = None,
+        kv_format: tuple[int, int, int] | None = None,
     ) -> bool:
-        """Whether an entry for exactly these tokens (and media) exists; if so it is marked used
-        and gains `owner`."""
+        """Whether an entry for exactly these tokens (and media, and KV format) exists; if so it
+        is marked used and gains `owner`."""
         n = len(tokens)
-        key = (tuple(tokens), tuple(m for m in media if m.end <= n))
+        key = (tuple(tokens), tuple(m for m in media if m.end <= n), kv_format)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:

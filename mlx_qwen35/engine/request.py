@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import mlx.core as mx
 
 from ..errors import UserError
+from ..model.cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START
 
 if TYPE_CHECKING:
     from .prefix_cache import PrefixEntry
@@ -133,6 +134,9 @@ class Request:
         draft `Model` sharing the tokenizer; None decodes plainly. The output is the same.
     num_draft_tokens: tokens drafted per verification (1 to 7).
     draft_vocab: let draft heads score only this many token ids (draft_vocab.py); None: all.
+    kv_bits / kv_group_size / quantized_kv_start: quantize the full-attention KV cache (4 or 8
+        bits, groups of kv_group_size) once it holds quantized_kv_start tokens, as mlx-lm does
+        (see kv_settings.py); rows of different formats decode in separate batches.
     """
 
     prompt: Sequence[int]
@@ -152,6 +156,9 @@ class Request:
     draft_model: Any = None
     num_draft_tokens: int = 3
     draft_vocab: int | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
 
 
 class TokenEvent:

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
+from .kv_settings import cache_format, kv_settings
 from .prefix_cache import PrefixCache, PrefixEntry
 from .request import MediaSpan, Request, RequestHandle
 from .sampling import RowSampler, check_prefill_step_size, sample_batch
@@ -36,6 +37,7 @@ def check_request(request: Request, model: Any) -> None:
     if not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0:
         raise UserError(f"max_tokens must be a positive integer, got {mt!r}")
     request.sampling.check()
+    kv_settings(request).check(args.head_dim)
     if request.prefill_step_size is not None:
         check_prefill_step_size(request.prefill_step_size)
     T = len(prompt)
@@ -142,6 +144,7 @@ class Row:
             frozenset(request.stop_token_ids) if request.stop_token_ids is not None else (stop_ids)
         )
         self.sampler = RowSampler(request, model.args.vocab_size)
+        self.kv = kv_settings(request)
         self.emb, self.pos, self.emb_start = prepared_media(request, model.args.hidden_size)
         self.media_ids = frozenset(media_ids)
         self.media = media_spans(request, media_ids, self.emb, self.pos, self.emb_start)
@@ -173,7 +176,7 @@ class Row:
         """Pick the resume point and make the row's cache."""
         entry = self.request.prefix
         if entry is None:
-            entry = prefix_cache.lookup(self.prompt, self.media)
+            entry = prefix_cache.lookup(self.prompt, self.media, self.kv)
             if entry is not None and entry.length < self.emb_start:
                 entry = None
         if entry is not None:
@@ -182,6 +185,8 @@ class Row:
         else:
             self.cache = model.make_cache()
             self.done = 0
+        if self.kv.due(self.cache, self.done):  # quantized_kv_start 0: quantized from the start
+            self.kv.convert(self.cache)
         self.stats.cached_tokens = self.done
         if self.spec is not None:
             self.spec.start(self.prompt, self.done)
@@ -208,6 +213,7 @@ class Row:
         b = min(a + (self.request.prefill_step_size or step_size), T)
         if self.boundaries:
             b = min(b, self.boundaries[0])
+        b = self.kv.cut(a, b)  # the cache changes format after exactly quantized_kv_start tokens
         kwargs = self._chunk_inputs(a, b)
         inputs = None if "input_embeddings" in kwargs else mx.array([self.prompt[a:b]], mx.uint32)
         positions = self.spec.positions(self.cache, b - a, kwargs) if self.spec else None
@@ -218,6 +224,8 @@ class Row:
             mx.eval([c.state for c in self.cache])
         else:
             self.logits = model.language_model.logits(hidden[:, -1:, :])[:, -1, :]
+        if self.kv.due(self.cache, b):
+            self.kv.convert(self.cache)
         self.done = b
         self.stats.prefilled_tokens += b - a
         if self.boundaries and self.boundaries[0] == b:
@@ -236,6 +244,10 @@ class Row:
             out["position_ids"] = self.pos[..., a - self.emb_start : b - self.emb_start]
         return out
 
+    def kv_format(self) -> tuple[int, int, int] | None:
+        """The format of the row's KV cache now (the batch it joins): None while plain."""
+        return cache_format(self.cache, self.kv)
+
     def first_token(self) -> tuple[mx.array, mx.array, Any]:
         """Sample the first token from the last prompt position's logits (lazily)."""
         tokens, logits, top = sample_batch(self.logits, [self.sampler], None)
@@ -245,12 +257,14 @@ class Row:
 
     def _snapshot(self, prefix_cache: PrefixCache, n: int, kind: str) -> None:
         tokens = (self.prompt + self.generated)[:n]
-        if kind == "boundary" and prefix_cache.adopt(tokens, self.media, self.request.cache_owner):
+        kv_format = self.kv_format()
+        owner = self.request.cache_owner
+        if kind == "boundary" and prefix_cache.adopt(tokens, self.media, owner, kv_format):
             return
         if not prefix_cache.max_bytes:
             return
         entry = PrefixEntry.from_cache(
-            self.cache, tokens, self.media, kind=kind, owner=self.request.cache_owner
+            self.cache, tokens, self.media, kind=kind, owner=owner, kv_format=kv_format
         )
         prefix_cache.insert(entry)
 
@@ -260,7 +274,12 @@ class Row:
             return
         tokens = (self.prompt + self.generated)[: self.fed]
         entry = PrefixEntry.from_cache(
-            cache, tokens, self.media, kind="final", owner=self.request.cache_owner
+            cache,
+            tokens,
+            self.media,
+            kind="final",
+            owner=self.request.cache_owner,
+            kv_format=cache_format(cache, self.kv),
         )
         prefix_cache.insert(entry)
 

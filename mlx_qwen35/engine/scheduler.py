@@ -37,7 +37,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import UserError
-from .batch_cache import extract_row, filter_rows, merge_rows
+from .batch_cache import Batch
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .request import Request, RequestHandle, TokenEvent
 from .rows import Row, check_request
@@ -91,7 +91,7 @@ class Engine:
         self._waiting: deque[Row] = deque()
         self._prefilling: Row | None = None
         self._running: list[Row] = []
-        self._cache: list[Any] | None = None  # the batch's caches, one row per running request
+        self._cache: Batch | None = None  # the running rows' caches, one batch per KV format
         self._pending: tuple[mx.array, mx.array, Any] | None = None  # tokens not yet handed out
         self._steps = 0
         self._thread: threading.Thread | None = None
@@ -228,7 +228,8 @@ class Engine:
             self._finish(row, "error", e)
             return
         mx.async_eval(pending[0], pending[1], _arrays(pending[2]))
-        self._cache = merge_rows(self._cache, row.cache)
+        self._cache = self._cache or Batch()
+        self._cache.add(row.cache, row.kv_format())
         row.cache = None
         self._pending = pending if self._pending is None else _cat_pending(self._pending, pending)
         self._running.append(row)
@@ -239,6 +240,7 @@ class Engine:
         tokens, logits, top = self._pending
         if len(rows) == 1 and rows[0].spec is not None:  # speculation: see speculative.py
             k = rows[0].spec.budget(len(rows[0].generated), rows[0].max_tokens)
+            k = rows[0].kv.draft_budget(rows[0].fed, k)  # a round never crosses the KV threshold
             if k >= 1 and int(tokens[0].item()) not in rows[0].stop:
                 self._decode_speculative(rows[0], k)
                 return
@@ -248,10 +250,11 @@ class Engine:
                 out = self._forward(rows, tokens)
                 following = sample_batch(out, [r.sampler for r in rows], tokens)
                 mx.async_eval(
-                    following[0], following[1], _arrays(following[2]), _cache_arrays(self._cache)
+                    following[0], following[1], _arrays(following[2]), self._cache.arrays()
                 )
-                for r in rows:
+                for i, r in enumerate(rows):
                     r.fed += 1
+                    self._convert_if_due(i, r)
             ids = tokens.tolist()
             top_lists = (top[0].tolist(), top[1].tolist()) if top is not None else None
         except Exception as e:  # a failed forward fails every row of the batch
@@ -276,7 +279,7 @@ class Engine:
                 if r.sampler.error is not None and r.handle is not None and not r.handle.finished:
                     self._finish(r, "error", r.sampler.error)
                 elif r.request.cache_final:
-                    r.keep_final(extract_row(self._cache, i), self.prefix_cache)
+                    r.keep_final(self._cache.extract(i), self.prefix_cache)
             self._remove(finished)
 
     def _forward(self, rows: list[Row], tokens: mx.array) -> mx.array:
@@ -284,9 +287,10 @@ class Engine:
         token and hidden state, so their drafters keep up while they decode in the batch."""
         spec = [i for i, r in enumerate(rows) if r.spec is not None]
         if not spec:
-            return self.model(tokens[:, None], cache=self._cache)[:, -1, :]
-        positions = decode_positions(self._cache, len(rows))
-        hidden = self.model.hidden_states(tokens[:, None], self._cache)
+            return self._cache.forward(self.model, tokens)
+        positions = self._cache.per_row(lambda c, idx: decode_positions(c, idx.size), axis=1)
+        model = self.model
+        hidden = self._cache.per_row(lambda c, idx: model.hidden_states(tokens[idx][:, None], c))
         for i in spec:
             rows[i].spec.observe(tokens[i : i + 1], hidden[i : i + 1], positions[:, i : i + 1])
         return self.model.language_model.logits(hidden)[:, -1, :]
@@ -295,8 +299,9 @@ class Engine:
         """One speculative round of the only running row: it hands out the pending token and
         the accepted drafts, and leaves the round's next token pending."""
         tokens, logits, top = self._pending
+        ((_, cache, _),) = self._cache.groups  # one row
         try:
-            rnd = speculative_round(self.model, self._cache, r.spec, r.sampler, tokens, k, r.stop)
+            rnd = speculative_round(self.model, cache, r.spec, r.sampler, tokens, k, r.stop)
             drafts_top = _top_logprobs(rnd.logits, [r.sampler] * rnd.logits.shape[0])
             following = None
             if rnd.next_token is not None:
@@ -326,8 +331,16 @@ class Engine:
             if r.sampler.error is not None and r.handle is not None and not r.handle.finished:
                 self._finish(r, "error", r.sampler.error)
             elif r.request.cache_final:
-                r.keep_final(self._cache, self.prefix_cache)
+                r.keep_final(cache, self.prefix_cache)
             self._remove([0])
+
+    def _convert_if_due(self, i: int, r: Row) -> None:
+        """Row i's KV cache reaches its quantized_kv_start on this step: from the next one it
+        decodes quantized, in the batch of its new format (kv_settings.py)."""
+        if r.kv.due_at(r.fed) and self._cache.format_of(i) != r.kv.quantized_format:
+            cache = self._cache.extract(i)
+            r.kv.convert(cache)
+            self._cache.move(i, cache, r.kv.quantized_format)
 
     def _emit(
         self,
@@ -368,7 +381,7 @@ class Engine:
         if not keep:
             self._cache, self._pending = None, None
             return
-        filter_rows(self._cache, keep)
+        self._cache.filter(keep)
         if self._pending is not None:
             sel = mx.array(keep)
             tokens, logits, top = self._pending
@@ -385,14 +398,6 @@ class Engine:
 
 def _arrays(top: Any) -> list[mx.array]:
     return [] if top is None else list(top)
-
-
-def _cache_arrays(cache: list[Any]) -> list[mx.array]:
-    out = []
-    for c in cache:
-        state = c.state
-        out.extend(x for x in state if isinstance(x, mx.array))
-    return out
 
 
 def _cat_pending(a: tuple, b: tuple) -> tuple:

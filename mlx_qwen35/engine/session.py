@@ -40,8 +40,10 @@ from ..inputs.tools import (
     normalize_tools,
     parse_tool_calls,
 )
+from ..model.cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START
 from .draft_vocab import check_draft_vocab
 from .generate import check_enable_thinking
+from .kv_settings import KVSettings
 from .prefix_cache import PrefixEntry
 from .request import Request, SamplingParams
 from .sampling import check_sampling
@@ -176,6 +178,8 @@ class ChatSession:
             (`RECOMMENDED_SAMPLING`; repetition penalty off). seed: makes the replies repeat
             (each turn draws from its own stream, derived from the seed and the prompt length).
         prefill_step_size: prompt tokens per prefill step.
+        kv_bits / kv_group_size / quantized_kv_start: quantize the KV cache as mlx-lm does
+            (see `stream_generate`); a saved session keeps them, and its states in that format.
         max_snapshots: boundary snapshots kept in the prefix cache for this session.
         logits_processors: extra mlx-lm style processors `(tokens, logits) -> logits`.
         draft_model / num_draft_tokens / draft_vocab: speculative decoding, as for
@@ -205,6 +209,9 @@ class ChatSession:
         draft_model: Any = None,
         num_draft_tokens: int = 3,
         draft_vocab: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
+        quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
     ):
         self.model = model
         self.processor = processor
@@ -235,6 +242,8 @@ class ChatSession:
             raise UserError(f"max_snapshots must be an integer >= 0, got {max_snapshots!r}")
         self.max_snapshots = max_snapshots
         self.seed = seed
+        self.kv = KVSettings(kv_bits, kv_group_size, quantized_kv_start)
+        self.kv.check(model.args.head_dim)
         if isinstance(logits_processors, (str, bytes)) or not all(
             callable(p) for p in logits_processors
         ):
@@ -382,7 +391,7 @@ class ChatSession:
         vision tower only on media after it."""
         ids = rendered.ids
         spans = rendered.spans
-        prefix = self.engine.prefix_cache.lookup(ids, spans)
+        prefix = self.engine.prefix_cache.lookup(ids, spans, self.kv)
         reuse = prefix.length if prefix is not None else 0
         embeddings = positions = None
         new_media = [seg for a, _, seg in rendered.media_spans if a >= reuse]
@@ -421,6 +430,9 @@ class ChatSession:
             draft_model=self.draft_model,
             num_draft_tokens=self.num_draft_tokens,
             draft_vocab=self.draft_vocab,
+            kv_bits=self.kv.kv_bits,
+            kv_group_size=self.kv.kv_group_size,
+            quantized_kv_start=self.kv.quantized_kv_start,
         )
 
     def _turn(
@@ -514,6 +526,9 @@ class ChatSession:
             "seed": self.seed,
             "prefill_step_size": self.prefill_step_size,
             "max_snapshots": self.max_snapshots,
+            "kv_bits": self.kv.kv_bits,
+            "kv_group_size": self.kv.kv_group_size,
+            "quantized_kv_start": self.kv.quantized_kv_start,
         }
 
     def save(self, path: str | os.PathLike) -> None:

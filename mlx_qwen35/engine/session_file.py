@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import UserError
+from ..model.cache import check_kv_settings
 from .prefix_cache import PrefixEntry
 from .request import MediaSpan
 from .session_render import MEDIA_KEYS, Segment
@@ -40,6 +41,9 @@ SETTINGS = (
     "seed",
     "prefill_step_size",
     "max_snapshots",
+    "kv_bits",
+    "kv_group_size",
+    "quantized_kv_start",
 )
 ROLES = ("system", "user", "assistant", "tool")
 MAX_JSON_DEPTH = 64
@@ -59,7 +63,12 @@ def save_session(session: Any, path: str | os.PathLike) -> None:
     entries = []
     for j, entry in enumerate(session.engine.prefix_cache.entries(session._owner)):
         for i, (_, a, b) in enumerate(entry.layers):
-            arrays[f"entry.{j}.{i}.a"], arrays[f"entry.{j}.{i}.b"] = a, b
+            for name, x in (("a", a), ("b", b)):
+                if isinstance(x, tuple):  # a quantized KV layer: packed values, scales, biases
+                    for k, part in enumerate(x):
+                        arrays[f"entry.{j}.{i}.{name}{k}"] = part
+                else:
+                    arrays[f"entry.{j}.{i}.{name}"] = x
         if entry.rope_delta is not None:
             arrays[f"entry.{j}.rope_delta"] = entry.rope_delta
         entries.append(
@@ -67,6 +76,7 @@ def save_session(session: Any, path: str | os.PathLike) -> None:
                 "tokens": list(entry.tokens),
                 "media": [list(m) for m in entry.media],
                 "kind": entry.kind,
+                "kv_format": list(entry.kv_format) if entry.kv_format else None,
             }
         )
     state = {
@@ -215,8 +225,12 @@ def _entry(info: Any, j: int, arrays: dict[str, mx.array], model: Any) -> Prefix
             raise ValueError(f"cache entry {j} has a bad media span {span!r}")
         media.append(MediaSpan(span[0], span[1], span[2]))
     act = _activation_dtype(model)
+    kv_format = _kv_format(info.get("kv_format"), args.head_dim, j)
     layers = []
     for i, layer in enumerate(model.layers):
+        if kv_format is not None and not layer.is_linear:
+            layers.append(("qkv", *_quantized_kv(arrays, j, i, n, kv_format, act, args)))
+            continue
         a, b = arrays.get(f"entry.{j}.{i}.a"), arrays.get(f"entry.{j}.{i}.b")
         if a is None or b is None:
             raise ValueError(f"cache entry {j} has no state for layer {i}")
@@ -241,8 +255,52 @@ def _entry(info: Any, j: int, arrays: dict[str, mx.array], model: Any) -> Prefix
         _check_tensor(rope_delta, (1,), mx.int32, f"entry {j} rotary offset")
         if not -n <= int(rope_delta.item()) <= args.max_position_embeddings:
             raise ValueError(f"cache entry {j} has a rotary offset out of range")
-    mx.eval([x for _, a, b in layers for x in (a, b)])
-    return PrefixEntry(tokens, layers, rope_delta, tuple(media), kind=kind)
+    entry = PrefixEntry(tokens, layers, rope_delta, tuple(media), kind=kind, kv_format=kv_format)
+    mx.eval(entry.arrays())
+    return entry
+
+
+def _kv_format(value: Any, head_dim: int, j: int) -> tuple[int, int, int] | None:
+    """An entry's recorded KV format: None (plain) or [kv_bits, kv_group_size, start]."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"cache entry {j} has a bad KV format {value!r}")
+    bits, group_size, start = value
+    try:
+        check_kv_settings(bits, group_size, start, head_dim)
+    except UserError as e:
+        raise ValueError(f"cache entry {j} has a KV format this model cannot use ({e})") from e
+    return bits, group_size, start
+
+
+def _quantized_kv(
+    arrays: dict[str, mx.array], j: int, i: int, n: int, kv_format: tuple, act: mx.Dtype, args: Any
+) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
+    """The (keys, values) triples of a quantized layer, checked against the model."""
+    bits, group_size, _ = kv_format
+    lead = (1, args.num_key_value_heads, n)
+    shapes = (
+        (lead + (args.head_dim * bits // 32,), mx.uint32),
+        (lead + (args.head_dim // group_size,), act),
+        (lead + (args.head_dim // group_size,), act),
+    )
+    out = []
+    for name in ("a", "b"):
+        parts = []
+        for k, (shape, dtype) in enumerate(shapes):
+            x = arrays.get(f"entry.{j}.{i}.{name}{k}")
+            if x is None:
+                raise ValueError(f"cache entry {j} has no quantized state for layer {i}")
+            what = "keys" if name == "a" else "values"
+            _check_tensor(x, shape, dtype, f"entry {j} layer {i} quantized {what} ({k})")
+            parts.append(x)
+        out.append(tuple(parts))
+    return out[0], out[1]
 
 
 def _check_tensor(x: mx.array, shape: tuple[int, ...], dtype: mx.Dtype, what: str) -> None:
@@ -288,6 +346,9 @@ def _settings(value: Any) -> dict[str, Any]:
         "seed",
         "prefill_step_size",
         "max_snapshots",
+        "kv_bits",
+        "kv_group_size",
+        "quantized_kv_start",
     ):
         v = value.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):

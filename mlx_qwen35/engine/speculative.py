@@ -39,7 +39,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
-from ..model.cache import GatedDeltaCache, KVCache, owned_copy
+from ..model.cache import AttentionCache, GatedDeltaCache, owned_copy
 from ..model.gated_delta.dispatch import MAX_PER_TOKEN_STATES_T
 from .draft_vocab import check_draft_vocab, draft_vocab_ids
 from .drafters import ModelDrafter, MTPDrafter
@@ -239,7 +239,7 @@ class _Picker:
 
 def _positions(cache: list[Any], T: int, batch: int = 1) -> mx.array:
     """Rotary positions [3, batch, T] of the next T tokens of each row of a target cache."""
-    kv = next((c for c in cache if isinstance(c, KVCache)), None)
+    kv = next((c for c in cache if isinstance(c, AttentionCache)), None)
     start = mx.array([kv.offset if kv is not None else 0])
     if kv is not None and kv.rope_delta is not None:
         start = start + kv.rope_delta.astype(mx.int32)
@@ -257,7 +257,7 @@ def _rewind(cache: list[Any], steps: list[Any], *, keep: int, held: int) -> None
     `keep`: KV caches trimmed, DeltaNet states from the recorded per-token states."""
     linear = iter(steps)
     for c in cache:
-        if isinstance(c, KVCache):
+        if isinstance(c, AttentionCache):  # plain or quantized KV
             c.trim(held - keep)
         elif isinstance(c, GatedDeltaCache):
             c.steps = next(linear)

@@ -511,4 +511,3 @@ def maybe_quantize_kv_cache(
     for i, c in enumerate(cache):
         if isinstance(c, KVCache) and c.offset >= quantized_kv_start and not c.empty():
             cache[i] = c.to_quantized(group_size=kv_group_size, bits=kv_bits)
-

@@ -27,7 +27,7 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx.utils import tree_map
 
 from ..errors import UserError
-from .cache import KVCache
+from .cache import KVCache, QuantizedKVCache
 from .moe import SparseMoeBlock
 
 MODES = ("tensor", "pipeline")
@@ -176,6 +176,8 @@ def run_pipeline_stage(
         if last is not None:
             if isinstance(last, KVCache):
                 last.keys = mx.depends(last.keys, h)
+            elif isinstance(last, QuantizedKVCache):
+                last.keys = (mx.depends(last.keys[0], h), *last.keys[1:])
             else:
                 last[0] = mx.depends(last[0], h)
     return mx.distributed.all_gather(h, group=group)[: h.shape[0]]

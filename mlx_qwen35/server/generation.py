@@ -172,6 +172,9 @@ def prepare(state: Any, call: Call) -> Prepared:
         draft_model=state.draft_model,
         num_draft_tokens=state.config.num_draft_tokens,
         draft_vocab=state.config.draft_vocab,
+        kv_bits=config.kv_bits,
+        kv_group_size=config.kv_group_size,
+        quantized_kv_start=config.quantized_kv_start,
     )
     try:
         check_request(request, state.model)

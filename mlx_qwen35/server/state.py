@@ -35,6 +35,9 @@ class ServerConfig:
     draft_model: str | None = None  # speculative decoding: "mtp" or a draft checkpoint
     num_draft_tokens: int = 3
     draft_vocab: int | None = None
+    kv_bits: int | None = None  # KV-cache quantization of every request (engine/kv_settings.py)
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000
 
     @property
     def model_names(self) -> list[str]:
