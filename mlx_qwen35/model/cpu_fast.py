@@ -1,6 +1,6 @@
 """Fast paths for MLX's CPU backend (Linux development machines and CI; never used on Metal).
 
-Three things are slow there, all measured on this project's 2-core x86 machine with OpenBLAS:
+Two things are slow there, both measured on this project's 2-core x86 machine with OpenBLAS:
 - a matmul with one row (decode) or a few (batched decode, speculative verification of up to 8
   tokens): MLX calls cblas_sgemm, which packs the whole weight matrix before multiplying and
   streams it at 3-10 GB/s. The same product cut into [m, K] x [K, b] calls of b weight rows
@@ -9,10 +9,8 @@ Three things are slow there, all measured on this project's 2-core x86 machine w
   rows the packed GEMM measured ~3x slower than the small calls;
 - exp (and so sigmoid, SiLU, softmax): a scalar libm call per element on one core, ~12 ns per
   element. Built from +, *, a rounding and a bit shift, and compiled, it is one vectorised pass
-  at ~2.5 ns per element, accurate to ~3e-7 relative;
-- causal attention: the fallback of mx.fast.scaled_dot_product_attention scores all T x S pairs
-  and masks half of them. Query blocks that only score the keys they can see, with the fast
-  softmax, take less than half the time at T = 2048 (`causal_attention_rows`, one block).
+  at ~2.5 ns per element, accurate to ~3e-7 relative.
+(Causal attention is cut into query blocks for every backend: see model/attention.py.)
 Every function here is exact up to fp32 rounding, and callers use it only when the default device
 is the CPU (`on_cpu()`).
 """
@@ -111,11 +109,6 @@ def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return (g / (1.0 + _exp_neg(g)) * up.astype(mx.float32)).astype(gate.dtype)
 
 
-@mx.compile
-def _exp_shifted(scores: mx.array, row_max: mx.array) -> mx.array:
-    return _exp_neg(row_max - scores)
-
-
 def silu(x: mx.array) -> mx.array:
     return _silu(x) if on_cpu() else x * mx.sigmoid(x)
 
@@ -132,28 +125,3 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 def exp_neg(x: mx.array) -> mx.array:
     """exp(-x) for fp32 x, to be used inside a compiled function (see `_exp_neg`)."""
     return _exp_neg(x)
-
-
-def causal_attention_rows(
-    q: mx.array, k: mx.array, v: mx.array, first: int, key_mask: mx.array | None = None
-) -> mx.array:
-    """Causal softmax attention of a block of query rows, for prefill on the CPU.
-
-    q: [B, nkv, rep, R, D], already scaled; query head (g, r) uses key head g. Row i of the block
-    sits at key position first + i and sees keys 0 .. first + i of k, v [B, nkv, 1, S, D].
-    key_mask [B, S]: keys to hide besides the causal ones (left padding). Returns
-    [B, nkv, rep, R, D] in v.dtype. Callers cut prompts into blocks (`model/attention.py`).
-    """
-    seen = first + q.shape[-2]
-    scores = q @ k[..., :seen, :].swapaxes(-1, -2)
-    visible = mx.arange(first, seen)[:, None] >= mx.arange(seen)[None]
-    # A finite floor when padding may hide every key of a (padded) query row: its weights come
-    # out uniform instead of NaN, and no real row ever looks at it.
-    hidden = -math.inf
-    if key_mask is not None:
-        visible = visible & key_mask[:, None, None, None, :seen]
-        hidden = mx.finfo(mx.float32).min
-    scores = mx.where(visible, scores.astype(mx.float32), hidden)
-    p = _exp_shifted(scores, mx.max(scores, axis=-1, keepdims=True))
-    p = p * (1.0 / p.sum(axis=-1, keepdims=True))
-    return p.astype(v.dtype) @ v[..., :seen, :]
