@@ -340,3 +340,24 @@ def test_quantized_rows_merge_filter_and_extract_like_each_row_alone(model):
     model(mx.array(prompts[0][None]), cache=plain)
     with pytest.raises(ValueError, match="different formats"):
         QuantizedKVCache.merge([batch[3], plain[3]])
+
+
+def test_a_fill_only_step_fills_the_same_caches_and_skips_the_last_attention(model, monkeypatch):
+    """A prefill step that only needs the caches: the same states as a full step, and the last
+    layer (full attention here) never runs its attention."""
+    ids = mx.array(PROMPT[None, :300])
+    full, fill = model.make_cache(), model.make_cache()
+    model.hidden_states(ids, full)
+    calls = []
+    real = attention_module.attention
+    monkeypatch.setattr(
+        "mlx_qwen35.model.layers.attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    assert model.hidden_states(ids, fill, fill_only=True) is None
+    assert len(calls) == 1  # layer 3's attention ran, layer 7's (the last) did not
+    mx.eval([c.state for c in full + fill])
+    for a, b in zip(full, fill, strict=True):
+        for x, y in zip(a.state[:2], b.state[:2], strict=True):
+            assert np.array_equal(np.array(x), np.array(y))
+    nxt = mx.array([[7]])
+    assert np.array_equal(np.array(model(nxt, cache=full)), np.array(model(nxt, cache=fill)))

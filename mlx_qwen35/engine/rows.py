@@ -217,7 +217,9 @@ class Row:
         kwargs = self._chunk_inputs(a, b)
         inputs = None if "input_embeddings" in kwargs else mx.array([self.prompt[a:b]], mx.uint32)
         positions = self.spec.positions(self.cache, b - a, kwargs) if self.spec else None
-        hidden = model.hidden_states(inputs, self.cache, **kwargs)
+        # A chunk before the last only fills the caches, unless a drafter reads its hidden states.
+        fill_only = b < T and self.spec is None
+        hidden = model.hidden_states(inputs, self.cache, fill_only=fill_only, **kwargs)
         if self.spec is not None:  # the drafter follows the prompt chunk by chunk
             self.spec.prefill(self.prompt[a:b], kwargs, hidden, positions)
         if b < T:

@@ -197,21 +197,33 @@ class GatedAttention(nn.Module):
         qg = self.q_proj(x).reshape(B, T, self.n_heads, 2 * self.head_dim)
         queries, gate = mx.split(qg, 2, axis=-1)
         gate = gate.reshape(B, T, -1)
-        keys = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-        values = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-
         queries = self.q_norm(queries).transpose(0, 2, 1, 3)
-        keys = self.k_norm(keys).transpose(0, 2, 1, 3)
-        values = values.transpose(0, 2, 1, 3)
-
-        offset = cache.offset if cache is not None else 0
-        if position_ids is None and getattr(cache, "rope_delta", None) is not None:
-            offset = offset + cache.rope_delta  # [B]: each row's positions (media, padding)
-        queries = self.rope(queries, offset, position_ids)
-        keys = self.rope(keys, offset, position_ids)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-
+        queries = self.rope(queries, self._rope_offset(cache, position_ids), position_ids)
+        keys, values = self._keys_values(x, cache, position_ids)
         out = attention(queries, keys, values, scale=self.scale, mask=mask, cache=cache)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.o_proj(out * sigmoid(gate))
+
+    def fill_cache(self, x: mx.array, cache: Any, position_ids: mx.array | None = None) -> None:
+        """Only store x's keys/values in `cache` (a prefill step whose output nobody reads)."""
+        self._keys_values(x, cache, position_ids)
+
+    @staticmethod
+    def _rope_offset(cache: Any, position_ids: mx.array | None) -> Any:
+        offset = cache.offset if cache is not None else 0
+        if position_ids is None and getattr(cache, "rope_delta", None) is not None:
+            offset = offset + cache.rope_delta  # [B]: each row's positions (media, padding)
+        return offset
+
+    def _keys_values(self, x: mx.array, cache: Any, position_ids: mx.array | None) -> tuple:
+        """Normed, rotated keys and values [B, n_kv, T, head_dim], after the cache's (then all
+        its positions, possibly quantized)."""
+        B, T, _ = x.shape
+        keys = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        values = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
+        keys = self.k_norm(keys).transpose(0, 2, 1, 3)
+        keys = self.rope(keys, self._rope_offset(cache, position_ids), position_ids)
+        values = values.transpose(0, 2, 1, 3)
+        if cache is not None:
+            return cache.update_and_fetch(keys, values)
+        return keys, values

@@ -143,7 +143,8 @@ class Qwen3_5TextModel(nn.Module):
         cache: list[Any] | None = None,
         attention_mask: mx.array | None = None,
         position_ids: mx.array | None = None,
-    ) -> mx.array:
+        fill_only: bool = False,
+    ) -> mx.array | None:
         B, T, _ = h.shape
         if cache is None:
             cache = [None] * len(self.layers)
@@ -168,10 +169,16 @@ class Qwen3_5TextModel(nn.Module):
             from .distributed import run_pipeline_stage
 
             h = run_pipeline_stage(self, h, cache, mask, position_ids, pad_mask)
-        else:
-            for layer, c in zip(self.layers, cache, strict=False):
-                h = layer(h, mask, c, position_ids, pad_mask)
-        return self.norm(h)
+            return None if fill_only else self.norm(h)
+        last = len(self.layers) - 1
+        for i, (layer, c) in enumerate(zip(self.layers, cache, strict=False)):
+            if fill_only and i == last and not layer.is_linear and c is not None:
+                # Nothing reads this layer's output, only its keys/values: skip the attention
+                # (the costly part of a long prefill step) and the MLP.
+                layer.self_attn.fill_cache(layer.input_layernorm(h), c, position_ids)
+                return None
+            h = layer(h, mask, c, position_ids, pad_mask)
+        return None if fill_only else self.norm(h)
 
 
 def _masks_and_positions(
@@ -372,10 +379,13 @@ class Model(nn.Module):
         attention_mask: mx.array | None = None,
         position_ids: mx.array | None = None,
         input_embeddings: mx.array | None = None,
+        fill_only: bool = False,
         **media: Any,
-    ) -> mx.array:
+    ) -> mx.array | None:
         """The final-norm hidden states [B, T, H] (what feeds the head). `media`: the vision
-        arguments of `__call__`."""
+        arguments of `__call__`. fill_only: a prefill step that only needs the caches filled
+        (not the last of a prompt): returns None, and skips the work whose result nothing reads
+        (the last layer's attention and MLP)."""
         release_thread_state_at_exit()  # every forward compiles; see threads.py
         if attention_mask is not None:
             attention_mask = mx.array(attention_mask)
@@ -395,7 +405,7 @@ class Model(nn.Module):
         h = input_embeddings if input_embeddings is not None else self.embed(inputs)
         if position_ids is not None:
             position_ids = mx.array(position_ids)
-        return self.language_model.model(h, cache, attention_mask, position_ids)
+        return self.language_model.model(h, cache, attention_mask, position_ids, fill_only)
 
     def __call__(
         self,
