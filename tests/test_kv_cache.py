@@ -361,3 +361,30 @@ def test_a_fill_only_step_fills_the_same_caches_and_skips_the_last_attention(mod
             assert np.array_equal(np.array(x), np.array(y))
     nxt = mx.array([[7]])
     assert np.array_equal(np.array(model(nxt, cache=full)), np.array(model(nxt, cache=fill)))
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_the_fit_estimate_matches_the_measured_caches(checkpoint, bits):
+    """weights/fit.py's KV cache and recurrent states against the arrays a bf16 run holds after
+    3000 prompt tokens in 2048-token steps and 20 decode steps (the KV in `bits`)."""
+    from mlx_qwen35.weights import fit
+
+    model = load_model(checkpoint, dtype="bfloat16")
+    ids = np.random.RandomState(5).randint(0, 300, size=3000)
+    cache = model.make_cache()
+    for a in range(0, 3000, 2048):
+        model.hidden_states(mx.array(ids[None, a : a + 2048]), cache, fill_only=True)
+        maybe_quantize_kv_cache(cache, 1000, 64, bits)
+    for t in DECODE:
+        model(mx.array([[int(t)]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    kv = sum(c.nbytes for c in cache if not isinstance(c, GatedDeltaCache))
+    recurrent = sum(c.nbytes for c in cache if isinstance(c, GatedDeltaCache))
+    est = fit.estimate(
+        load_config(checkpoint), 0, 3020, activation_bytes=2, kv_bits=bits, capacity=(10**12, "x")
+    )
+    assert abs(est.kv_cache - kv) <= 0.05 * kv
+    assert abs(est.recurrent - recurrent) <= 0.05 * recurrent
+    summary = est.summary()
+    assert est.kv_format == f"{bits or 16}-bit" and f"3020 tokens, {bits or 16}-bit" in summary
+    assert summary.endswith(" left")

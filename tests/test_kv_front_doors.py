@@ -102,11 +102,13 @@ def test_cli_flags_have_mlx_lm_defaults(cache_root, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(cache_root))
     args = ["--model", "tiny-random", "-p", "Hello there", "-m", "8"]
     plain = CliRunner().invoke(generate_main, args)
-    quant = CliRunner().invoke(
-        generate_main,
-        [*args, "--kv-bits", "8", "--kv-group-size", "32", "--quantized-kv-start", "0"],
-    )
+    kv = ["--kv-bits", "8", "--kv-group-size", "32", "--quantized-kv-start", "0"]
+    quant = CliRunner().invoke(generate_main, [*args, *kv])
     assert plain.exit_code == quant.exit_code == 0 and quant.stdout == plain.stdout
+    verbose = CliRunner().invoke(generate_main, [*args, *kv, "--verbose"])
+    assert verbose.exit_code == 0
+    (line,) = [x for x in verbose.stderr.splitlines() if x.startswith("Will it fit?")]
+    assert "tokens, 8-bit) + recurrent states" in line and line.endswith(" left")
     result = CliRunner().invoke(chat_main, ["--model", "tiny-random", "--kv-bits", "4"], input="")
     assert result.exit_code == 1
     assert "kv_group_size 64 does not divide the model's head_dim 32" in result.stderr

@@ -29,8 +29,10 @@ import click
 import mlx.core as mx
 
 from ..errors import UserError
+from ..model.cache import check_kv_settings
 from ..model.config import ModelConfig, TextConfig
 from ..model.gated_delta import BACKENDS, ENV_VAR
+from .context import context_options, kv_hook, parse_contexts, run_contexts
 from .sizes import SIZES, cut_layers, random_hf_weights, size_config
 
 if TYPE_CHECKING:  # the model and loader are imported by the runs, so -h answers at once
@@ -101,35 +103,63 @@ class RunResult:
     prompt_tps: float
     generation_tps: float
     peak_gb: float
+    cache_gb: float = 0.0  # the caches' arrays after the run
+    resident_gb: float = 0.0  # memory in use before the run (the weights of every model loaded)
 
 
-def _greedy_step(model: Any, tokens: mx.array, cache: list[Any]) -> tuple[mx.array, mx.array]:
+def _greedy_step(
+    model: Any, tokens: mx.array, cache: list[Any], after_step: Callable | None = None
+) -> tuple[mx.array, mx.array]:
     logits = model(tokens[None], cache=cache)[:, -1, :]
+    if after_step is not None:
+        after_step(cache)
     logprobs = logits - mx.logsumexp(logits, keepdims=True)
     return mx.argmax(logprobs, axis=-1), logprobs
 
 
+def _fill(model: Any, tokens: mx.array, cache: list[Any]) -> None:
+    """A prefill step that only fills the caches. mlx-lm's model: its logits stay unevaluated, so
+    MLX never computes what only they need (the last layer's attention output); ours is told so
+    (`fill_only`), as the engine does: it would otherwise compute long prompts' attention in
+    bounded blocks whether read or not."""
+    if hasattr(model, "hidden_states"):
+        model.hidden_states(tokens, cache, fill_only=True)
+    else:
+        model(tokens, cache=cache)
+
+
 def timed_run(
-    model: Any, prompt: mx.array, generation_tokens: int, prefill_step_size: int, stream: Any
+    model: Any,
+    prompt: mx.array,
+    generation_tokens: int,
+    prefill_step_size: int,
+    stream: Any,
+    after_step: Callable[[list[Any]], None] | None = None,
 ) -> RunResult:
-    """One generation of `generation_tokens` tokens after `prompt`, timed as mlx-lm times it."""
+    """One generation of `generation_tokens` tokens after `prompt`, timed as mlx-lm times it.
+
+    after_step(cache) runs after every model call, where mlx-lm's generate_step quantizes the KV
+    cache (`maybe_quantize_kv_cache`)."""
     cache = model.make_cache()
     mx.clear_cache()
+    resident = mx.get_active_memory()
     mx.reset_peak_memory()
     tic = time.perf_counter()
     with mx.stream(stream):
         rest = prompt
         while rest.size > 1:
             n = min(prefill_step_size, rest.size - 1)
-            model(rest[None, :n], cache=cache)  # logits stay unevaluated: only states are needed
+            _fill(model, rest[None, :n], cache)
+            if after_step is not None:
+                after_step(cache)
             mx.eval([c.state for c in cache])
             rest = rest[n:]
             mx.clear_cache()
-        y, logprobs = _greedy_step(model, rest, cache)
+        y, logprobs = _greedy_step(model, rest, cache, after_step)
         mx.async_eval(y, logprobs)
         for n in range(generation_tokens):
             if n + 1 < generation_tokens:
-                next_y, next_logprobs = _greedy_step(model, y, cache)
+                next_y, next_logprobs = _greedy_step(model, y, cache, after_step)
                 mx.async_eval(next_y, next_logprobs)
             y.item()
             if n == 0:
@@ -142,6 +172,8 @@ def timed_run(
         prompt_tps=prompt.size / (first - tic),
         generation_tps=generated_after_first / (end - first) if generated_after_first else 0.0,
         peak_gb=mx.get_peak_memory() / 1e9,
+        cache_gb=sum(c.nbytes for c in cache) / 1e9,
+        resident_gb=resident / 1e9,
     )
 
 
@@ -209,9 +241,7 @@ def _print_row(run: str, label: str, r: RunResult, width: int) -> None:
 
 def _median(results: list[RunResult]) -> RunResult:
     return RunResult(
-        statistics.median(r.prompt_tps for r in results),
-        statistics.median(r.generation_tps for r in results),
-        statistics.median(r.peak_gb for r in results),
+        **{f: statistics.median(getattr(r, f) for r in results) for f in RunResult.__annotations__}
     )
 
 
@@ -302,6 +332,7 @@ def load_source(
     is_flag=True,
     help="Make the models a bigram puppet whose drafts are always accepted (real dimensions).",
 )
+@context_options
 def main(
     model_path,
     size,
@@ -319,9 +350,14 @@ def main(
     num_draft_tokens,
     draft_vocab,
     scripted,
+    contexts,
+    kv_bits,
+    kv_group_size,
+    quantized_kv_start,
 ) -> None:
     """Prompt tok/s, generation tok/s and peak memory (optionally against mlx-lm, or speculative
-    decoding against plain decoding)."""
+    decoding against plain decoding, or at long contexts with --context)."""
+    kv = (None if kv_bits is None else int(kv_bits), kv_group_size, quantized_kv_start)
     try:
         if draft_model is not None:
             _speculative(
@@ -357,6 +393,8 @@ def main(
             vs,
             backends,
             seed,
+            contexts,
+            kv,
         )
     except UserError as e:
         click.echo(f"Error: {e}", err=True)
@@ -376,7 +414,10 @@ def _main(
     vs,
     backends,
     seed,
+    contexts=None,
+    kv=(None, 64, 5000),
 ) -> None:
+    lengths = None if contexts is None else parse_contexts(contexts)
     warning = slow_blas_warning()
     if warning:
         click.echo(warning, err=True)
@@ -387,6 +428,7 @@ def _main(
     config, raw, what = load_source(model_path, size, layers, dt, seed, bits, vs)
     model_config = ModelConfig.from_dict(config)
     text = model_config.text
+    check_kv_settings(*kv, head_dim=text.head_dim)
     ours = build_ours(raw, model_config, dt)
     entries = [Entry(f"mlx-qwen35[{b}]", ours, b) for b in backends] or [
         Entry("mlx-qwen35", ours, None)
@@ -402,23 +444,31 @@ def _main(
     dtype_name = dtype or ("float32" if size else str(weight.dtype).split(".")[-1])
     click.echo(
         f"{what}, {text.num_hidden_layers} layers, {dtype_name}, device {mx.default_device()}; "
-        f"prompt {prompt_tokens} tokens, generation {generation_tokens} tokens, prefill step "
-        f"{prefill_step_size}"
+        f"prompt {contexts or prompt_tokens} tokens, generation {generation_tokens} tokens, "
+        f"prefill step {prefill_step_size}"
     )
     for e in entries:  # warm-up: first-call costs (allocations, lazy setup) stay out of the timing
         _with_backend(e.backend, lambda e=e: timed_run(e.model, prompt[:8], 2, 8, stream))
+    hooks = {e.label: kv_hook(e.label, *kv) for e in entries}
+
+    def run(e: Entry, prompt: mx.array) -> RunResult:
+        return _with_backend(
+            e.backend,
+            lambda: timed_run(
+                e.model, prompt, generation_tokens, prefill_step_size, stream, hooks[e.label]
+            ),
+        )
+
+    if lengths is not None:
+        run_contexts(entries, lengths, generation_tokens, repeats, kv, text.vocab_size, seed, run)
+        return
 
     width = max(len(e.label) for e in entries) + 2
     click.echo(f"{'run':<7}{'model':<{width}}{'prompt tok/s':>14}{'gen tok/s':>12}{'peak GB':>10}")
     results: dict[str, list[RunResult]] = {e.label: [] for e in entries}
     for r in range(repeats):
         for e in entries:
-            res = _with_backend(
-                e.backend,
-                lambda e=e: timed_run(
-                    e.model, prompt, generation_tokens, prefill_step_size, stream
-                ),
-            )
+            res = run(e, prompt)
             results[e.label].append(res)
             _print_row(str(r + 1), e.label, res, width)
     medians = {label: _median(rs) for label, rs in results.items()}

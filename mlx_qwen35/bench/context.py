@@ -19,6 +19,7 @@ from typing import Any
 import click
 import mlx.core as mx
 
+from ..cli.options import options
 from ..errors import UserError
 from ..model.cache import maybe_quantize_kv_cache
 
@@ -50,24 +51,36 @@ def kv_hook(
     return lambda cache: maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
 
 
+context_options = options(
+    click.option(
+        "--context",
+        "contexts",
+        help="Long-context mode: prompt lengths, e.g. 4096,16384,65536 (replaces -p).",
+    ),
+    click.option(
+        "--kv-bits", type=click.Choice(["4", "8"]), help="Quantize the KV cache (both models)."
+    ),
+    click.option("--kv-group-size", default=64, show_default=True, type=int),
+    click.option("--quantized-kv-start", default=5000, show_default=True, type=int),
+)
+
+
 def run_contexts(
     entries: list[Any],
-    *,
     contexts: list[int],
     generation_tokens: int,
     repeats: int,
-    kv: tuple[int | None, int, int],
+    kv: tuple[Any, int, int],
     vocab_size: int,
     seed: int,
     run: Callable[..., Any],
 ) -> None:
     """Print one block per context length. kv: (kv_bits, kv_group_size, quantized_kv_start);
-    `run(entry, prompt, after_step)` times one run (cli.timed_run under the entry's backend)."""
+    `run(entry, prompt)` times one run (cli.timed_run with the entry's backend and KV hook)."""
     kv_bits, kv_group_size, quantized_kv_start = kv
     kv_text = "unquantized KV" if kv_bits is None else f"{kv_bits}-bit KV (group {kv_group_size})"
     start = "" if kv_bits is None else f", quantized from {quantized_kv_start} tokens"
     click.echo(f"context bench: {kv_text}{start}, generation {generation_tokens} tokens")
-    hooks = {e.label: kv_hook(e.label, *kv) for e in entries}
     width = max(len(e.label) for e in entries) + 2
     header = (
         f"{'context':>8}  {'model':<{width}}{'prompt tok/s':>13}{'gen tok/s':>11}"
@@ -82,10 +95,10 @@ def run_contexts(
         for e in entries:
             results = []
             for _ in range(repeats):
-                results.append(run(e, prompt, hooks[e.label]))
-            from .cli import median_result  # cli imports this module
+                results.append(run(e, prompt))
+            from .cli import _median  # cli imports this module
 
-            m = median_result(results)
+            m = _median(results)
             medians[e.label] = m
             over = m.peak_gb - m.resident_gb - m.cache_gb
             click.echo(

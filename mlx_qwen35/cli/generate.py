@@ -133,6 +133,8 @@ def main(
             context,
             dtype=dtype,
             machines=group.size() if group is not None else 1,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
             prefill_step_size=prefill_step_size,
         )
         warning = fit.tight_warning(estimate)

@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import UserError
+from ..model.attention import SCORE_BUDGET
 from ..model.config import ModelConfig, load_config
 from .loading import weight_files
 from .safetensors_file import DTYPE_BYTES, read_entries
@@ -48,6 +49,7 @@ class FitEstimate:
     capacity_source: str
     context: int
     machines: int = 1
+    kv_format: str = "16-bit"  # bits per KV element: the activation dtype's, or kv_bits
 
     @property
     def total(self) -> int:
@@ -64,11 +66,13 @@ class FitEstimate:
     def summary(self) -> str:
         """One line: the parts, the total and what the machine can wire."""
         per = " per machine" if self.machines > 1 else ""
+        left = self.capacity - self.total
         return (
             f"memory{per}: weights {_gb(self.weights)} + KV cache {_gb(self.kv_cache)} "
-            f"({self.context} tokens) + recurrent states {_gb(self.recurrent)} + activations "
-            f"{_gb(self.activations)} = {_gb(self.total)} of {_gb(self.capacity)} "
-            f"({self.capacity_source})"
+            f"({self.context} tokens, {self.kv_format}) + recurrent states "
+            f"{_gb(self.recurrent)} + activations {_gb(self.activations)} = {_gb(self.total)} of "
+            f"{_gb(self.capacity)} ({self.capacity_source}), "
+            + (f"{_gb(left)} left" if left >= 0 else f"{_gb(-left)} short")
         )
 
     def advice(self) -> str:
@@ -179,8 +183,12 @@ def estimate(
         t.conv_dim + t.linear_num_value_heads * t.linear_value_head_dim,
     )
     activations = step * (8 * t.hidden_size + widest) * a + t.vocab_size * 4 * batch
-    if not mx.metal.is_available():  # no fused attention kernel: a step's scores exist at once
-        activations += t.num_attention_heads * step * min(slots, prefill_step_size) * 4
+    # A step's attention scores, a block of queries at a time (model/attention.py): no fused
+    # kernel takes head_dim 256 prompts, so a block's fp32 scores exist at once.
+    activations += min(t.num_attention_heads * step * slots, SCORE_BUDGET) * 4
+    if kv_bits is not None and not mx.metal.is_available():
+        # The CPU's prefill attends over one layer's keys/values dequantized (attention.py).
+        activations += 2 * t.num_key_value_heads * t.head_dim * slots * batch * a
     sharded = max(weights - whole_weights, 0)
     cap, source = capacity or machine_capacity()
     return FitEstimate(
@@ -192,6 +200,7 @@ def estimate(
         capacity_source=source,
         context=context,
         machines=machines,
+        kv_format=f"{kv_bits or 8 * a}-bit",
     )
 
 
@@ -202,6 +211,7 @@ def check_fit(
     dtype: str | None = None,
     machines: int = 1,
     kv_bits: int | None = None,
+    kv_group_size: int = 64,
     prefill_step_size: int = 2048,
     capacity: tuple[int, str] | None = None,
 ) -> FitEstimate:
@@ -217,6 +227,7 @@ def check_fit(
         whole_weights=whole,
         activation_bytes=act,
         kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
         prefill_step_size=prefill_step_size,
         machines=machines,
         capacity=capacity,
