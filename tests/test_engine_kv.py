@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hf_reference import build_hf_model, save_hf_checkpoint
 
+from mlx_qwen35.engine.kv_settings import KVSettings
 from mlx_qwen35.engine.request import Request
 from mlx_qwen35.engine.scheduler import Engine
 from mlx_qwen35.errors import UserError
@@ -165,3 +166,41 @@ def test_a_quantized_row_holds_quantized_layers_in_the_batch(model):
     ((_, caches, rows),) = engine._cache.groups
     assert rows == [0] and isinstance(caches[1], QuantizedKVCache) and caches[1].bits == 4
     handle.cancel()
+
+
+def test_speculation_keeps_the_conversion_where_plain_decoding_puts_it(tmp_path):
+    """A draft model's rounds never cross quantized_kv_start (they are cut short before it, and
+    the step that reaches it decodes plainly), so speculative greedy output equals plain greedy
+    output with the same KV settings. (8-bit: at 4 bits a verify block's last-bit rounding can
+    move a later key to the neighbouring level, as another batch shape can.)"""
+    from test_speculative import noisy_copy
+
+    hf = build_hf_model(
+        "base", num_hidden_layers=4, layer_types=LAYERS, head_dim=64, rope_parameters=ROPE, seed=9
+    )
+    path = save_hf_checkpoint(hf, tmp_path / "target")
+    target, draft = load_model(path), noisy_copy(path, 0.002)
+    prompt = PROMPTS[1]
+    kv = dict(kv_bits=8, quantized_kv_start=len(prompt) + 10)
+    plain, _ = alone(target, Request(prompt=prompt, max_tokens=30, **kv))
+    engine = Engine(target, prefix_cache_bytes=0)
+    handle = engine.submit(Request(prompt=prompt, max_tokens=30, draft_model=draft, **kv))
+    while engine.has_work():
+        engine.step()
+        if engine.num_running:  # quantized exactly from the start on, whatever the rounds did
+            (row,) = engine._running
+            ((fmt, _, _),) = engine._cache.groups
+            assert fmt == (
+                (8, 64, kv["quantized_kv_start"]) if row.fed >= len(prompt) + 10 else None
+            )
+    assert [e.token for e in handle] == plain
+    assert handle.stats.accepted_tokens > 0  # the draft really ran
+
+
+def test_a_speculative_round_stops_short_of_quantized_kv_start():
+    kv = KVSettings(kv_bits=4, quantized_kv_start=100)
+    assert kv.draft_budget(90, 3) == 3  # verifies 91..94
+    assert kv.draft_budget(97, 3) == 2  # verifies 98, 99, 100: the last one reaches the start
+    assert kv.draft_budget(99, 3) == 0  # this step decodes plainly and converts after it
+    assert kv.draft_budget(100, 3) == kv.draft_budget(5000, 3) == 3  # already quantized
+    assert KVSettings().draft_budget(99, 3) == 3  # no kv_bits: nothing to keep

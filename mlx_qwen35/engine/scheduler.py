@@ -316,6 +316,7 @@ class Engine:
             self._running, self._cache, self._pending = [], None, None
             return
         r.fed += 1 + rnd.accepted
+        self._convert_if_due(0, r)
         r.stats.draft_tokens += k
         r.stats.accepted_tokens += rnd.accepted
         now = time.perf_counter()
