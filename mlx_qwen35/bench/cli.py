@@ -6,11 +6,13 @@ the same weights also go into mlx-lm's own `qwen3_5` model in this process and t
 (ours, theirs, ours, theirs...), so that the ratios, not the absolute times, are the figures to
 quote on a shared machine.
 
-Both models are driven by the same loop (the one of mlx-lm's `generate_step`): the prompt in steps
-of `--prefill-step-size` evaluating only the cache states, then the logits of the last prompt
-position, then greedy decoding with the next step queued (`mx.async_eval`) before the current token
-is read. Prompt tok/s counts the prompt up to the first generated token; generation tok/s counts
-the tokens after the first over the time after it.
+Ours runs through the engine, as generate does (`concurrency.engine_run`); mlx-lm's through the
+loop of its `generate_step`: the prompt in steps of `--prefill-step-size` evaluating only the
+cache states, then the logits of the last prompt position, then greedy decoding with the next step
+queued (`mx.async_eval`) before the current token is read. Both pipeline the same way. Prompt
+tok/s counts the prompt up to the first generated token; generation tok/s counts the tokens after
+the first over the time after it. `--concurrency 1,2,4,8` measures N requests at once instead
+(see concurrency.py), against mlx-lm's BatchGenerator with `--vs mlx-lm`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..model.config import ModelConfig, TextConfig
 from ..model.gated_delta import BACKENDS, ENV_VAR
 from ..model.model import Model
 from ..weights import loading
+from .concurrency import RunResult, engine_run, run_levels
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 FAST_BLAS = ("openblas", "mkl", "blis")
@@ -275,13 +278,6 @@ def build_mlx_lm(raw: dict[str, mx.array], config: dict[str, Any], dtype: mx.Dty
     return model
 
 
-@dataclass
-class RunResult:
-    prompt_tps: float
-    generation_tps: float
-    peak_gb: float
-
-
 def _greedy_step(model: Any, tokens: mx.array, cache: list[Any]) -> tuple[mx.array, mx.array]:
     logits = model(tokens[None], cache=cache)[:, -1, :]
     logprobs = logits - mx.logsumexp(logits, keepdims=True)
@@ -442,6 +438,12 @@ def load_source(
     help=f"Force our gated delta backend ({ENV_VAR}); repeat to compare several.",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--concurrency",
+    callback=lambda ctx, param, value: _levels(value),
+    help="Stream counts, e.g. 1,2,4,8: aggregate and per-stream generation tok/s with that many "
+    "requests at once (mlx-lm's BatchGenerator with --vs mlx-lm).",
+)
 def main(
     model_path,
     size,
@@ -454,6 +456,7 @@ def main(
     vs,
     backends,
     seed,
+    concurrency,
 ) -> None:
     """Prompt tok/s, generation tok/s and peak memory (optionally against mlx-lm)."""
     try:
@@ -469,6 +472,7 @@ def main(
             vs,
             backends,
             seed,
+            concurrency,
         )
     except UserError as e:
         click.echo(f"error: {e}", err=True)
@@ -487,6 +491,7 @@ def _main(
     vs,
     backends,
     seed,
+    concurrency=None,
 ) -> None:
     warning = slow_blas_warning()
     if warning:
@@ -512,20 +517,36 @@ def _main(
         f"prompt {prompt_tokens} tokens, generation {generation_tokens} tokens, prefill step "
         f"{prefill_step_size}"
     )
+    if concurrency:
+        models = [("mlx-qwen35", ours)] + [
+            (e.label, e.model) for e in entries if e.label == "mlx-lm"
+        ]
+        run_levels(
+            models,
+            concurrency,
+            prompt_tokens,
+            generation_tokens,
+            prefill_step_size,
+            repeats,
+            text.vocab_size,
+            seed,
+        )
+        return
+
+    def run(e: Entry, prompt: mx.array, n: int, step: int) -> RunResult:
+        if e.label == "mlx-lm":
+            return timed_run(e.model, prompt, n, step, stream)
+        return _with_backend(e.backend, lambda: engine_run(e.model, prompt, n, step))
+
     for e in entries:  # warm-up: first-call costs (allocations, lazy setup) stay out of the timing
-        _with_backend(e.backend, lambda e=e: timed_run(e.model, prompt[:8], 2, 8, stream))
+        run(e, prompt[:8], 2, 8)
 
     width = max(len(e.label) for e in entries) + 2
     click.echo(f"{'run':<7}{'model':<{width}}{'prompt tok/s':>14}{'gen tok/s':>12}{'peak GB':>10}")
     results: dict[str, list[RunResult]] = {e.label: [] for e in entries}
     for r in range(repeats):
         for e in entries:
-            res = _with_backend(
-                e.backend,
-                lambda e=e: timed_run(
-                    e.model, prompt, generation_tokens, prefill_step_size, stream
-                ),
-            )
+            res = run(e, prompt, generation_tokens, prefill_step_size)
             results[e.label].append(res)
             _print_row(str(r + 1), e.label, res, width)
     medians = {label: _median(rs) for label, rs in results.items()}
@@ -541,6 +562,18 @@ def _main(
                 f"generation {_ratio(m.generation_tps, theirs.generation_tps)}, "
                 f"peak memory {_ratio(m.peak_gb, theirs.peak_gb)}"
             )
+
+
+def _levels(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        levels = [int(v) for v in value.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise click.BadParameter(f"give stream counts like 1,2,4,8, not {value!r}")
+    return levels
 
 
 def _ratio(ours: float, theirs: float) -> str:

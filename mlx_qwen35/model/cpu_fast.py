@@ -1,10 +1,13 @@
 """Fast paths for MLX's CPU backend (Linux development machines and CI; never used on Metal).
 
-Three things are slow there, all measured on this project's 2-core x86 machine with OpenBLAS:
-- a matmul with one row (decode): MLX calls cblas_sgemm, which packs the whole weight matrix
-  before multiplying and streams it at 3-10 GB/s. The same product cut into [1, K] x [K, b]
-  calls of b rows runs OpenBLAS's unpacked small-matrix kernel at 15-19 GB/s, and twice that
-  for a large matrix split over two CPU streams (two cores);
+Three things are slow there, all measured on this project's 2-core x86 machines with OpenBLAS:
+- a matmul with a few rows (decode, one row per running request): MLX calls cblas_sgemm, which
+  packs the whole weight matrix before multiplying and streams it at 3-10 GB/s. The same product
+  cut into [m, K] x [K, b] calls of b weight rows can run OpenBLAS's unpacked small-matrix kernel
+  (where the CPU has one: AVX-512 builds) at 15-19 GB/s, and twice that for a large matrix split
+  over two CPU streams (two cores); 8 rows then cost ~1.5x one row instead of ~3x. Whether the
+  small calls win depends on the CPU and the BLAS (on AMD Zen 3, without that kernel, they lose),
+  so the first product of each shape is timed both ways and the faster way kept (`linear`);
 - exp (and so sigmoid, SiLU, softmax): a scalar libm call per element on one core, ~12 ns per
   element. Built from +, *, a rounding and a bit shift, and compiled, it is one vectorised pass
   at ~2.5 ns per element, accurate to ~3e-7 relative;
@@ -18,13 +21,21 @@ is the CPU (`on_cpu()`).
 from __future__ import annotations
 
 import math
+import threading
+from time import perf_counter
 
 import mlx.core as mx
 
-# rows per call * K: the largest product that stays on OpenBLAS's small-matrix kernel.
-_GEMV_CALL_ELEMENTS = 1 << 18
+# rows * b * K per call: the largest product that stays on OpenBLAS's small-matrix kernel (its
+# limit is M*N*K <= 100^3; one row measured best at 2^18, several rows at 2^19).
+_SMALL_CALL_ELEMENTS = (1 << 18, 1 << 19)
+# Products of up to this many rows (decode batches) may take the small calls.
+MAX_SMALL_CALL_ROWS = 8
 # Matrices from this many elements (64 MB in fp32) up are split over two CPU streams.
 _GEMV_SPLIT_ELEMENTS = 1 << 24
+# The first product of a shape is timed on at most this many weight elements, best of 3.
+_CALIBRATION_ELEMENTS = 1 << 22
+_CALIBRATION_REPEATS = 3
 _ATTENTION_BLOCK = 128
 _LOG2E = 1.4426950408889634
 # Taylor coefficients of 2^f = e^(f ln 2); on |f| <= 1/2 the degree-6 remainder is ~1e-7.
@@ -34,43 +45,84 @@ _EXP2 = tuple(math.log(2) ** i / math.factorial(i) for i in range(7))
 # made them, and generation may run on any thread.
 _second_stream = mx.new_thread_local_stream(mx.cpu)
 
+# (rows, K, b) -> whether the small calls beat one matmul on this machine.
+_small_calls_chosen: dict[tuple[int, int, int], bool] = {}
+_calibration_lock = threading.Lock()
+
 
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def _rows_per_call(n: int, k: int) -> int:
-    b = 1 << max(0, (_GEMV_CALL_ELEMENTS // k).bit_length() - 1)
+def _rows_per_call(n: int, k: int, m: int) -> int:
+    limit = _SMALL_CALL_ELEMENTS[0 if m == 1 else 1]
+    b = 1 << max(0, (limit // (m * k)).bit_length() - 1)
     while n % b:
         b //= 2
     return b
 
 
-def _gemv(x: mx.array, w: mx.array) -> mx.array | None:
-    """x [1, K] @ w[N, K].T as N/b small calls, or None when N has no useful block size."""
+def _small_calls(x: mx.array, w: mx.array, b: int) -> mx.array:
+    """x [m, K] @ w[N, K].T as N/b calls of b weight rows each."""
     n, k = w.shape
-    b = _rows_per_call(n, k)
-    if b < 16:
-        return None
-    return (x @ w.reshape(n // b, b, k).swapaxes(1, 2)).reshape(1, n)
+    m = x.shape[0]
+    y = x @ w.reshape(n // b, b, k).swapaxes(1, 2)  # [N/b, m, b]
+    return y.reshape(1, n) if m == 1 else y.swapaxes(0, 1).reshape(m, n)
+
+
+def _split_small_calls(x: mx.array, w: mx.array, b: int) -> mx.array:
+    n, k = w.shape
+    if n * k < _GEMV_SPLIT_ELEMENTS or n % (2 * b):
+        return _small_calls(x, w, b)
+    h = n // 2
+    y1 = _small_calls(x, w[:h], b)
+    with mx.stream(_second_stream):
+        y2 = _small_calls(x, w[h:], b)
+    return mx.concatenate([y1, y2], axis=-1)
+
+
+def _small_calls_win(m: int, k: int, b: int, weight: mx.array) -> bool:
+    key = (m, k, b)
+    chosen = _small_calls_chosen.get(key)
+    if chosen is None:
+        with _calibration_lock:
+            chosen = _small_calls_chosen.get(key)
+            if chosen is None:
+                chosen = _small_calls_chosen[key] = _time_small_calls(m, k, b, weight)
+    return chosen
+
+
+def _time_small_calls(m: int, k: int, b: int, weight: mx.array) -> bool:
+    """Time x @ w.T both ways on (a slice of) this weight; True if the small calls are faster."""
+    rows = min(weight.shape[0], max(b, _CALIBRATION_ELEMENTS // k // b * b))
+    w = weight[:rows]
+    x = mx.random.normal((m, k), key=mx.random.key(0))
+    mx.eval(x, w)
+    ways = (lambda: x @ w.T, lambda: _small_calls(x, w, b))
+    times: tuple[list[float], list[float]] = ([], [])
+    for repeat in range(_CALIBRATION_REPEATS + 1):  # the first round only warms up
+        for way, spent in zip(ways, times, strict=True):
+            tic = perf_counter()
+            mx.eval(way())
+            elapsed = perf_counter() - tic
+            if repeat:
+                spent.append(elapsed)
+    return min(times[1]) < min(times[0])
 
 
 def linear(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T; a single fp32 row on the CPU takes the small-call path described above."""
+    """x @ weight.T; on the CPU, fp32 products of up to MAX_SMALL_CALL_ROWS rows take the
+    small-call path where this machine runs it faster (see the module docstring)."""
     n, k = weight.shape
-    if x.size != k or weight.dtype != mx.float32 or not on_cpu():
+    if weight.dtype != mx.float32 or x.shape[-1] != k or not on_cpu():
         return x @ weight.T
-    x1 = x.reshape(1, k)
-    if n * k >= _GEMV_SPLIT_ELEMENTS and n % 32 == 0:
-        h = n // 2
-        y1 = _gemv(x1, weight[:h])
-        with mx.stream(_second_stream):
-            y2 = _gemv(x1, weight[h:])
-        y = None if y1 is None or y2 is None else mx.concatenate([y1, y2], axis=-1)
-    else:
-        y = _gemv(x1, weight)
-    if y is None:
+    m = x.size // k
+    if m > MAX_SMALL_CALL_ROWS:
         return x @ weight.T
+    b = _rows_per_call(n, k, m)
+    if b < 16 or not _small_calls_win(m, k, b, weight):
+        return x @ weight.T
+    y = _split_small_calls(x.reshape(m, k), weight, b)
     return y.reshape(*x.shape[:-1], n)
 
 

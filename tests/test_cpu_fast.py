@@ -1,0 +1,75 @@
+"""The CPU fast paths: the small-call products equal one matmul for every row count a decode
+batch has, and each machine keeps whichever way its first timing found faster (here the timings
+are scripted; no test times anything)."""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_qwen35.model import cpu_fast
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    monkeypatch.setattr(cpu_fast, "_small_calls_chosen", {})
+    return cpu_fast._small_calls_chosen
+
+
+def scripted_clock(monkeypatch, plain: float, small: float) -> None:
+    """perf_counter as seen by the calibration: the plain product takes `plain` s, the small
+    calls `small` s (they alternate, plain first)."""
+    ticks = itertools.count()
+    spans = itertools.cycle([plain, small])
+    state = {"t": 0.0}
+
+    def clock() -> float:
+        if next(ticks) % 2:  # the end of a timed product
+            state["t"] += next(spans)
+        return state["t"]
+
+    monkeypatch.setattr(cpu_fast, "perf_counter", clock)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+def test_small_calls_equal_one_matmul(fresh_choices, monkeypatch, rows):
+    scripted_clock(monkeypatch, plain=2.0, small=1.0)
+    rng = np.random.default_rng(rows)
+    w = mx.array(rng.standard_normal((512, 96)).astype(np.float32))
+    x = mx.array(rng.standard_normal((rows, 1, 96)).astype(np.float32))
+    y = cpu_fast.linear(x, w)
+    b = cpu_fast._rows_per_call(512, 96, rows)
+    assert fresh_choices == {(rows, 96, b): True}  # the small calls ran
+    ref = x @ w.T
+    assert y.shape == ref.shape == (rows, 1, 512)
+    assert np.allclose(np.array(y), np.array(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_a_machine_where_small_calls_lose_keeps_the_plain_product(fresh_choices, monkeypatch):
+    scripted_clock(monkeypatch, plain=1.0, small=3.0)
+    calls = []
+    real = cpu_fast._small_calls
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(cpu_fast, "_small_calls", counting)
+    w = mx.ones((1024, 64))
+    x = mx.ones((2, 64))
+    y = cpu_fast.linear(x, w)
+    assert list(fresh_choices.values()) == [False]
+    timed = len(calls)  # only the calibration used them
+    assert mx.array_equal(y, x @ w.T).item()
+    cpu_fast.linear(x, w)  # decided once: no second timing, still the plain product
+    assert len(calls) == timed and len(fresh_choices) == 1
+
+
+def test_prefill_and_other_dtypes_never_take_small_calls(fresh_choices):
+    w = mx.ones((256, 64))
+    cpu_fast.linear(mx.ones((9, 64)), w)  # more rows than a decode batch
+    cpu_fast.linear(mx.ones((1, 64), mx.bfloat16), w.astype(mx.bfloat16))
+    assert fresh_choices == {}
