@@ -226,7 +226,9 @@ def test_threads_submitting_at_once_batch_together(scripted):
         barrier.wait()
         for k in range(2):
             prompt = [i + 1, 10 * k + i]
-            h = engine.submit(Request(prompt=prompt, max_tokens=12 + i))
+            # Seeds and penalties make state on the sampler's side (the margin keeps the script).
+            sampling = SamplingParams(temp=0.5, top_k=3, seed=i, presence_penalty=0.5 * k)
+            h = engine.submit(Request(prompt=prompt, max_tokens=12 + i, sampling=sampling))
             results[2 * i + k] = (prompt, [e.token for e in h])
             sizes.append(engine.num_running)
 

@@ -127,7 +127,8 @@ class Row:
         self.stop = (
             frozenset(request.stop_token_ids) if request.stop_token_ids is not None else (stop_ids)
         )
-        self.sampler = RowSampler(request, model.args.vocab_size)
+        self.vocab = model.args.vocab_size
+        self.sampler: RowSampler | None = None  # made on the engine's stream, at admission
         self.emb, self.pos, self.emb_start = prepared_media(request, model.args.hidden_size)
         self.media_ids = frozenset(media_ids)
         self.media = media_spans(request, media_ids, self.emb, self.pos, self.emb_start)
@@ -151,7 +152,9 @@ class Row:
     # ---------------------------------------------------------------- admission and prefill
 
     def admit(self, model: Any, prefix_cache: PrefixCache) -> None:
-        """Pick the resume point and make the row's cache."""
+        """Pick the resume point and make the row's cache and sampler. (Run by the engine: arrays
+        made lazily on the submitting thread's stream could not be evaluated on another.)"""
+        self.sampler = RowSampler(self.request, self.vocab)
         entry = self.request.prefix
         if entry is None:
             entry = prefix_cache.lookup(self.prompt, self.media)
