@@ -3,6 +3,7 @@ output path (no half-written directory, no temporary directory left beside it)."
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 
 from mlx_qwen35.cli.convert import main
 
-CONVERT = sys.modules["mlx_qwen35.weights.convert_write"]
+CONVERT = importlib.import_module("mlx_qwen35.weights.convert_write")
 
 
 @pytest.fixture(scope="module")

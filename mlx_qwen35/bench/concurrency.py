@@ -25,13 +25,7 @@ import mlx.core as mx
 
 from ..engine.request import Request
 from ..engine.scheduler import Engine
-
-
-@dataclass
-class RunResult:
-    prompt_tps: float
-    generation_tps: float
-    peak_gb: float
+from .cli import RunResult
 
 
 @dataclass

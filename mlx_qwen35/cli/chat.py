@@ -19,16 +19,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from ..engine.sampling import check_sampling
-from ..engine.session import ChatSession, Reply, TurnResult
 from ..errors import UserError
-from ..inputs.processor import apply_media_options, check_media_options
-from ..inputs.tools import ToolCallWarning
 from . import options as cli
+
+if TYPE_CHECKING:  # the engine is imported when a chat starts, so --help answers at once
+    from ..engine.session import ChatSession, Reply, TurnResult
 
 DIM, RESET = "\033[2m", "\033[0m"
 PROMPT = ">> "
@@ -75,6 +74,11 @@ class ChatApp:
             line = line.strip()
             if not line:
                 continue
+            try:
+                cli.check_utf8(line, "that line")
+            except UserError as e:
+                self.error(str(e))
+                continue
             if line.startswith("/"):
                 if not self.command(line):
                     return
@@ -104,35 +108,61 @@ class ChatApp:
                 self.images, self.videos = [], []
                 self.note("Started over.")
             elif name == "/save":
-                self.session.save(_need(arg, "/save FILE"))
-                self.note(f"Saved to {arg}.")
+                self.save(_need(arg, "/save FILE"))
             elif name == "/load":
-                self.session = ChatSession.load(
-                    _need(arg, "/load FILE"),
-                    self.session.model,
-                    self.session.processor,
-                    **self.overrides,
-                )
-                turns = sum(m["role"] == "user" for m in self.session.history)
-                self.note(f"Loaded {arg}: {turns} user message(s), ready to continue.")
+                self.load(_need(arg, "/load FILE"))
             else:
                 self.error(f"unknown command {name}; /help lists the commands")
         except UserError as e:
             self.error(str(e))
         return True
 
+    def save(self, path: str) -> None:
+        try:
+            self.session.save(path)
+        except OSError as e:  # whatever the file system says, the conversation goes on
+            raise UserError(_file_error("save to", path, e)) from None
+        self.note(f"Saved to {path}.")
+
+    def load(self, path: str) -> None:
+        try:
+            session = type(self.session).load(
+                path, self.session.model, self.session.processor, **self.overrides
+            )
+        except OSError as e:
+            raise UserError(_file_error("load", path, e)) from None
+        self.session = session  # only now: a failed /load keeps the current conversation
+        turns = sum(m["role"] == "user" for m in session.history)
+        self.note(f"Loaded {path}: {turns} user message(s), ready to continue.")
+
     def attach(self, kind: str, path: str) -> None:
+        """Attach a file to the next message; an image is decoded now, so a file that is not one
+        is refused here instead of failing every later message."""
         path = _need(path, f"/{kind} PATH")
-        if not Path(path).expanduser().exists():
+        full = Path(path).expanduser()
+        if not full.exists():
             raise UserError(f"{path}: no such file")
-        (self.images if kind == "image" else self.videos).append(str(Path(path).expanduser()))
+        if kind == "image":
+            check_image(str(full))
+        (self.images if kind == "image" else self.videos).append(str(full))
         self.note(f"Attached {path} to your next message.")
 
     def turn(self, text: str) -> TurnResult:
-        reply = self.session.send(text, images=self.images or None, videos=self.videos or None)
-        self.images, self.videos = [], []  # send() took them (it raises before if they are bad)
+        # The attachments go with this message whatever happens: one that cannot be read (a
+        # video is only decoded here) must not make every later message fail too.
+        images, videos = self.images, self.videos
+        self.images, self.videos = [], []
+        try:
+            reply = self.session.send(text, images=images or None, videos=videos or None)
+        except UserError as e:
+            if images or videos:
+                dropped = ", ".join(images + videos)
+                raise UserError(f"{e} (dropped the attachments: {dropped})") from None
+            raise
         with warnings.catch_warnings():
             # Malformed tool calls are reported below, once, as errors of this chat.
+            from ..inputs.tools import ToolCallWarning
+
             warnings.simplefilter("ignore", ToolCallWarning)
             try:
                 self.show(reply)
@@ -184,6 +214,27 @@ class ChatApp:
     def error(self, text: str) -> None:
         self.err.write(f"Error: {text}\n")
         self.err.flush()
+
+
+def check_image(path: str) -> None:
+    """Raise UserError unless `path` decodes as an image."""
+    from ..inputs.images import load_image
+
+    load_image(path)
+
+
+def _file_error(action: str, path: str, e: OSError) -> str:
+    """One line for an OSError of /save or /load, naming what the user typed."""
+    full = Path(path).expanduser()
+    parent = full.parent
+    if action == "save to" and full.is_dir():
+        return f"cannot save to {path}: it is a directory; give a file name"
+    if not parent.exists():
+        return f"cannot {action} {path}: no such directory {parent}"
+    if not parent.is_dir():
+        return f"cannot {action} {path}: {parent} is a file, not a directory"
+    reason = e.strerror or str(e).splitlines()[0] or type(e).__name__
+    return f"cannot {action} {path}: {reason}"
 
 
 def _need(arg: str, usage: str) -> str:
@@ -255,6 +306,9 @@ def main(
     verbose: bool,
 ) -> None:
     """Chat with a Qwen3.5 model in the terminal (/help lists the commands)."""
+    from ..engine.sampling import check_sampling
+    from ..engine.session import ChatSession
+    from ..inputs.processor import apply_media_options, check_media_options
     from ..weights.loading import load
 
     given = {
@@ -271,9 +325,13 @@ def main(
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
+        if system is not None:
+            cli.check_utf8(system, "the system prompt")
         for path in (*images, *videos):
             if not Path(path).expanduser().exists():
                 raise UserError(f"{path}: no such file")
+        for path in images:
+            check_image(str(Path(path).expanduser()))
         # Check what needs no model before loading one (which may mean a download).
         check_sampling(
             max_tokens=1 if max_tokens is None else max_tokens,
@@ -284,6 +342,7 @@ def main(
             repetition_penalty=repetition_penalty,
             presence_penalty=presence_penalty,
             prefill_step_size=prefill_step_size,
+            seed=seed,
         )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         qwen, processor = load(model, dtype=dtype)
@@ -311,6 +370,10 @@ def main(
         color=color,
         overrides=overrides,
     )
+    # Lines that are not UTF-8 reach ChatApp.run as text it can refuse, instead of an exception
+    # from inside the read that would end the chat.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         app.note(f"Chatting with {model}. /help lists the commands, /exit quits.")

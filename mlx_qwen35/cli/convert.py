@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from typing import Any
 
 import click
 
 from ..errors import UserError
-from ..weights.convert import convert
-from ..weights.convert_plan import DTYPES
 from ..weights.recipes import builtin_names
+from .options import DTYPES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,12 +27,12 @@ from ..weights.recipes import builtin_names
     "-q", "--quantize", is_flag=True, help="Quantize with the 4bit recipe (8bit with --q-bits 8)."
 )
 @click.option(
-    "--q-bits", type=click.Choice(["4", "8"]), help="Bits: picks the 4bit or 8bit recipe."
+    "--q-bits", type=click.Choice(["4", "8"]), help="With -q: the 4bit or 8bit recipe [4]."
 )
 @click.option(
     "--q-group-size",
     type=click.Choice(["32", "64", "128"]),
-    help="Quantization group size (default: the recipe's, 64).",
+    help="With -q or --recipe: quantization group size (default: the recipe's, 64).",
 )
 @click.option(
     "--recipe",
@@ -72,6 +74,9 @@ def main(
     report: bool,
 ) -> None:
     """Convert a Qwen3.5 checkpoint to MLX (optionally quantized) and optionally upload it."""
+    from ..weights.convert import convert  # here: --help answers without loading MLX models
+
+    previous = _on_sigterm(_raise_terminated)
     try:
         convert(
             hf_path,
@@ -95,3 +100,25 @@ def main(
     except KeyboardInterrupt:
         click.echo(f"Error: interrupted; nothing was written to {mlx_path}", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo(f"Error: terminated; nothing was written to {mlx_path}", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        _on_sigterm(previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the conversion is, so it unwinds (and removes its temporary
+    directory of up to the model's size) the way Ctrl-C does, instead of dying on the spot."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install `handler` for SIGTERM and return the previous one (signals can only be handled in
+    the main thread; elsewhere nothing changes)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)

@@ -7,8 +7,6 @@ import sys
 import click
 
 from ..errors import UserError
-from ..inputs.processor import check_media_options
-from ..inputs.prompt import _check_text_prompt
 from . import options as cli
 from .options import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported: the examples use it
 
@@ -65,11 +63,15 @@ def main(
     """Generate a reply from a Qwen3.5 model, streaming it to stdout."""
     from ..engine.generate import _print_stream, stream_generate
     from ..engine.sampling import check_sampling
+    from ..inputs.processor import check_media_options
+    from ..inputs.prompt import _check_text_prompt
     from ..weights.loading import load
 
     try:
-        if prompt == "-":
-            prompt = sys.stdin.read()
+        prompt = cli.read_stdin("the prompt on stdin") if prompt == "-" else prompt
+        cli.check_utf8(prompt, "the prompt")
+        if system is not None:
+            cli.check_utf8(system, "the system prompt")
         sampling = dict(
             temp=temp,
             top_p=top_p,
@@ -79,7 +81,9 @@ def main(
             presence_penalty=presence_penalty,
         )
         # Check what needs no model before loading one (which may mean a download).
-        check_sampling(max_tokens=max_tokens, prefill_step_size=prefill_step_size, **sampling)
+        check_sampling(
+            max_tokens=max_tokens, prefill_step_size=prefill_step_size, seed=seed, **sampling
+        )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         _check_text_prompt(prompt)
         qwen, processor = load(model, dtype=dtype)

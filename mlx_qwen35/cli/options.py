@@ -8,12 +8,17 @@ keeps the order of its own --help.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from ..errors import UserError
+
 DEFAULT_MODEL = "mlx-community/Qwen3.5-4B-MLX-4bit"
+# The weight dtypes --dtype takes (the loader's and the converter's; a test keeps them equal).
+DTYPES = ("float32", "bfloat16", "float16")
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -38,7 +43,9 @@ model_option = click.option(
     help="Local checkpoint directory, Hugging Face repo id, or tiny-random (built in, offline).",
 )
 system_option = click.option("--system", default=None, help="System prompt.")
-seed_option = click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+seed_option = click.option(
+    "--seed", type=int, default=None, help="Random seed for sampling (0 to 2**64 - 1)."
+)
 think_option = click.option(
     "--think/--no-think",
     "think",
@@ -47,7 +54,7 @@ think_option = click.option(
 )
 dtype_option = click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
+    type=click.Choice(DTYPES),
     default=None,
     help="Cast the weights (default: as stored).",
 )
@@ -116,3 +123,32 @@ def sampling_options(*, model_card: bool) -> Decorator:
         ),
         click.option("--presence-penalty", type=float, default=None, help=presence),
     )
+
+
+def check_utf8(text: str, what: str) -> str:
+    """`text`, unless it came from bytes that are not UTF-8 (Python keeps those as lone
+    surrogates in argv and in streams read with errors="surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise UserError(
+            f"{what} is not valid UTF-8 text ({bad} at character {e.start}); pass UTF-8"
+        ) from None
+    return text
+
+
+def read_stdin(what: str) -> str:
+    """All of stdin as text, or a UserError if it is not UTF-8 (whatever the locale says)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        return check_utf8(sys.stdin.read(), what)
+    data = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{what} is not valid UTF-8 text (byte 0x{data[e.start]:02x} at byte {e.start}); "
+            "pass UTF-8"
+        ) from None

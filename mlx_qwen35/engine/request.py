@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .prefix_cache import PrefixEntry
     from .scheduler import Engine
 
-# A seed is a non-negative 64-bit integer (what mx.random.key takes).
+# MLX's random seed is an unsigned 64-bit integer (what mx.random.key takes).
 MAX_SEED = 2**64 - 1
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -89,7 +89,9 @@ class SamplingParams:
             if value is not None and not _is_num(value):
                 raise UserError(f"{name} must be a finite number, got {value!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise UserError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+            raise UserError(
+                f"seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {self.seed!r}"
+            )
         if not _is_int(self.top_logprobs) or self.top_logprobs < 0:
             raise UserError(f"top_logprobs must be an integer >= 0, got {self.top_logprobs!r}")
 

@@ -26,7 +26,9 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import UserError
-from .request import Request, SamplingParams
+from .request import MAX_SEED, Request, SamplingParams
+
+__all__ = ["MAX_SEED", "RowSampler", "check_prefill_step_size", "check_sampling", "sample_batch"]
 
 
 def check_sampling(

@@ -40,7 +40,8 @@ class Processor:
     """Text side of a Qwen3.5 processor.
 
     Args:
-        tokenizer: an mlx-lm `TokenizerWrapper` (streaming detokenizer, eos ids, chat template).
+        tokenizer: a `Tokenizer` (tokenizer.py: streaming detokenizer, eos ids, chat template), or
+            anything with its interface, mlx-lm's `TokenizerWrapper` included.
         config: the model's `ModelConfig` (special token ids, context length).
         image_processor: an ImageProcessor (or any object with `.expand(texts, images)`, or a
             callable `(texts, images)`) -> (expanded texts, {"pixel_values", "image_grid_thw"}).
@@ -61,22 +62,11 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: ModelConfig) -> Processor:
-        """Tokenizer from `model_dir` via mlx-lm; stop ids = <|im_end|> ∪ generation_config eos."""
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
+        """Tokenizer from `model_dir`; stop ids = <|im_end|> ∪ generation_config eos."""
+        from .tokenizer import Tokenizer
 
         model_dir = Path(model_dir)
-        if (
-            not (model_dir / "tokenizer.json").is_file()
-            and not (model_dir / "tokenizer_config.json").is_file()
-        ):
-            raise UserError(
-                f"{model_dir}: no tokenizer.json or tokenizer_config.json; the checkpoint is "
-                "incomplete, download or convert it again"
-            )
-        try:
-            tokenizer = load_tokenizer(model_dir, eos_token_ids=_generation_eos_ids(model_dir))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{model_dir}: cannot load the tokenizer ({e})") from e
+        tokenizer = Tokenizer.from_dir(model_dir, eos_token_ids=_generation_eos_ids(model_dir))
         im_end = tokenizer.convert_tokens_to_ids(IM_END)
         if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
             tokenizer.add_eos_token(im_end)
@@ -297,9 +287,15 @@ def _generation_eos_ids(model_dir: Path) -> list[int]:
     if not path.is_file():
         return []
     try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); download the checkpoint again") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object; download the checkpoint again")
+    eos = data.get("eos_token_id")
     if eos is None:
         return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+        raise UserError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return ids

@@ -173,6 +173,10 @@ class _AnimatedSource:
         return out
 
 
+# Named the same way in the README.
+PYAV_INSTALL = 'pip install -e ".[video]"'
+
+
 class _PyAVSource:
     """Video files through PyAV (optional dependency: the `video` extra)."""
 
@@ -181,8 +185,8 @@ class _PyAVSource:
             import av
         except ImportError:
             raise UserError(
-                f"{path}: reading video files needs PyAV; install it with pip install "
-                "'mlx-qwen35[video]' (or pass a GIF, a folder of frames or a frame list)"
+                f"{path}: reading video files needs PyAV, from the video extra: "
+                f"{PYAV_INSTALL} (or pass a GIF, a folder of frames or a frame list)"
             ) from None
         self.av, self.path, self.name = av, path, str(path)
         try:

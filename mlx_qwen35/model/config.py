@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .config_fields import typed, typed_list
 
 MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
 VISION_MODEL_TYPES = ("qwen3_5_vision", "qwen3_5")
@@ -43,22 +44,31 @@ class RopeConfig:
     def from_text_dict(cls, d: dict[str, Any]) -> RopeConfig:
         # rope_scaling is an older alias of rope_parameters, `type` of `rope_type`; theta and
         # partial_rotary_factor may also sit at the text-config level.
-        params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        section = params.get("mrope_section", d.get("mrope_section", (11, 11, 10)))
+        key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+        params = dict(typed(d, key, dict, {}))
+        where = f"{key}."
+        rope_type = typed(params, "rope_type", str, None, where=where)
+        rope_type = rope_type or typed(params, "type", str, "default", where=where)
+        section = typed_list(params, "mrope_section", int, None, where=where, length=3)
+        if section is None:
+            section = typed_list(d, "mrope_section", int, [11, 11, 10], length=3)
+        theta = typed(d, "rope_theta", float, 1e7, positive=True)
+        partial = typed(d, "partial_rotary_factor", float, 0.25, positive=True)
         return cls(
-            theta=float(params.get("rope_theta", d.get("rope_theta", 1e7))),
-            partial_rotary_factor=float(
-                params.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))
+            theta=typed(params, "rope_theta", float, theta, where=where, positive=True),
+            partial_rotary_factor=typed(
+                params, "partial_rotary_factor", float, partial, where=where, positive=True
             ),
-            mrope_section=tuple(int(s) for s in section),
-            mrope_interleaved=bool(params.get("mrope_interleaved", True)),
-            rope_type=str(rope_type),
-            factor=float(params.get("factor", 1.0)),
-            original_max_position_embeddings=params.get("original_max_position_embeddings"),
-            beta_fast=float(params.get("beta_fast", 32.0)),
-            beta_slow=float(params.get("beta_slow", 1.0)),
-            attention_factor=params.get("attention_factor"),
+            mrope_section=tuple(section),
+            mrope_interleaved=typed(params, "mrope_interleaved", bool, True, where=where),
+            rope_type=rope_type,
+            factor=typed(params, "factor", float, 1.0, where=where, positive=True),
+            original_max_position_embeddings=typed(
+                params, "original_max_position_embeddings", int, None, where=where, positive=True
+            ),
+            beta_fast=typed(params, "beta_fast", float, 32.0, where=where),
+            beta_slow=typed(params, "beta_slow", float, 1.0, where=where),
+            attention_factor=typed(params, "attention_factor", float, None, where=where),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,28 +133,28 @@ class TextConfig:
         ).split()
         kwargs: dict[str, Any] = {}
         for name in ints:
-            if name in d:
-                value = d[name]
-                _require(
-                    isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                    f"{name} must be a positive integer, got {value!r}",
-                )
+            value = typed(d, name, int, None, positive=True)
+            if value is not None:
                 kwargs[name] = value
-        if "rms_norm_eps" in d:
-            kwargs["rms_norm_eps"] = float(d["rms_norm_eps"])
+        kwargs["rms_norm_eps"] = typed(d, "rms_norm_eps", float, 1e-6, positive=True)
         cfg = cls(**kwargs)
-        head_dim = d.get("head_dim")
-        cfg.head_dim = int(head_dim) if head_dim else cfg.hidden_size // cfg.num_attention_heads
-        cfg.tie_word_embeddings = bool(d.get("tie_word_embeddings", tie_default))
+        head_dim = typed(d, "head_dim", int, None, positive=True)
+        cfg.head_dim = head_dim or cfg.hidden_size // cfg.num_attention_heads
+        cfg.tie_word_embeddings = typed(d, "tie_word_embeddings", bool, tie_default)
         cfg.rope = RopeConfig.from_text_dict(d)
-        cfg.mtp_num_hidden_layers = int(d.get("mtp_num_hidden_layers", 0) or 0)
-        cfg.bos_token_id = d.get("bos_token_id")
-        cfg.eos_token_id = d.get("eos_token_id")
-        if d.get("layer_types"):
-            cfg.layer_types = list(d["layer_types"])
+        cfg.mtp_num_hidden_layers = typed(d, "mtp_num_hidden_layers", int, 0, minimum=0)
+        cfg.bos_token_id = typed(d, "bos_token_id", int, None, minimum=0)
+        eos = d.get("eos_token_id")
+        cfg.eos_token_id = (
+            typed_list(d, "eos_token_id", int)
+            if isinstance(eos, list)
+            else typed(d, "eos_token_id", int, None, minimum=0)
+        )
+        layer_types = typed_list(d, "layer_types", str, None)
+        if layer_types:
+            cfg.layer_types = layer_types
         else:
-            interval = int(d.get("full_attention_interval", 4))
-            _require(interval > 0, f"full_attention_interval must be positive, got {interval}")
+            interval = typed(d, "full_attention_interval", int, 4, positive=True)
             cfg.layer_types = [
                 "full_attention" if (i + 1) % interval == 0 else "linear_attention"
                 for i in range(cfg.num_hidden_layers)
@@ -250,30 +260,30 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], text_hidden: int) -> VisionConfig:
-        vt = d.get("model_type", "qwen3_5_vision")
+        vt = typed(d, "model_type", str, "qwen3_5_vision", where="vision_config.")
         _require(
             vt in VISION_MODEL_TYPES, f"vision_config.model_type {vt!r} is not a Qwen3.5 tower"
         )
         _require(
-            not d.get("deepstack_visual_indexes"),
+            not typed(d, "deepstack_visual_indexes", list, [], where="vision_config."),
             "vision_config.deepstack_visual_indexes must be empty: Qwen3.5 has no deepstack "
             "(this looks like a Qwen3-VL checkpoint)",
         )
-        cfg = cls(out_hidden_size=int(d.get("out_hidden_size", text_hidden)))
+        where = "vision_config."
+        cfg = cls(
+            out_hidden_size=typed(
+                d, "out_hidden_size", int, text_hidden, where=where, positive=True
+            )
+        )
         for name in (
             "depth hidden_size intermediate_size num_heads in_channels patch_size "
             "temporal_patch_size spatial_merge_size num_position_embeddings"
         ).split():
-            if name in d:
-                value = d[name]
-                _require(
-                    isinstance(value, int) and value > 0,
-                    f"vision_config.{name} must be a positive integer, got {value!r}",
-                )
-                setattr(cfg, name, value)
-        cfg.hidden_act = d.get("hidden_act", cfg.hidden_act)
-        rope = d.get("rope_parameters") or {}
-        cfg.rope_theta = float(d.get("rope_theta", rope.get("rope_theta", cfg.rope_theta)))
+            setattr(cfg, name, typed(d, name, int, getattr(cfg, name), where=where, positive=True))
+        cfg.hidden_act = typed(d, "hidden_act", str, cfg.hidden_act, where=where)
+        rope = typed(d, "rope_parameters", dict, {}, where=where)
+        theta = typed(rope, "rope_theta", float, cfg.rope_theta, where=f"{where}rope_parameters.")
+        cfg.rope_theta = typed(d, "rope_theta", float, theta, where=where, positive=True)
         _require(
             cfg.hidden_size % cfg.num_heads == 0,
             f"vision_config.hidden_size {cfg.hidden_size} must be a multiple of num_heads",
@@ -331,18 +341,18 @@ class ModelConfig:
             f"({', '.join(MODEL_TYPES)}); use mlx-lm for other architectures",
         )
         # Text-only checkpoints may be flat: then the whole dict is the text config.
-        text_dict = d.get("text_config") or d
-        tie_default = bool(d.get("tie_word_embeddings", False))
+        text_dict = typed(d, "text_config", dict, None) or d
+        tie_default = typed(d, "tie_word_embeddings", bool, False)
         text = TextConfig.from_dict(text_dict, tie_default=tie_default)
         vision = None
-        if d.get("vision_config"):
-            vision = VisionConfig.from_dict(d["vision_config"], text.hidden_size)
+        vision_dict = typed(d, "vision_config", dict, None)
+        if vision_dict:
+            vision = VisionConfig.from_dict(vision_dict, text.hidden_size)
         cfg = cls(model_type=model_type, text=text, vision=vision, raw=d)
         for (
             name
         ) in "image_token_id video_token_id vision_start_token_id vision_end_token_id".split():
-            if name in d:
-                setattr(cfg, name, int(d[name]))
+            setattr(cfg, name, typed(d, name, int, getattr(cfg, name), minimum=0))
         cfg.format_version = d.get(FORMAT_KEY)
         _require(
             cfg.format_version in (None, FORMAT_VERSION),

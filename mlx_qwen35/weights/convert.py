@@ -35,7 +35,7 @@ from .convert_plan import (
     _choose_recipe,
     make_plan,
 )
-from .convert_write import _check_disk, _write_atomically
+from .convert_write import _check_disk, _check_writable, _write_atomically
 from .loading import (
     resolve_model_path,
 )
@@ -93,6 +93,7 @@ def convert(
         files = _planned_files(plan, card)
         _print_plan(plan, out, files, upload_repo)
         return ConversionResult(out=out, files=files, dry_run=True)
+    _check_writable(out.parent)
     _check_disk(out.parent, plan.weight_bytes)
     _print_plan(plan, out, None, None)
     result = _write_atomically(plan, out, card, force=force, report=report, progress=progress)

@@ -116,7 +116,7 @@ def _choose_recipe(
 ) -> Recipe | None:
     if recipe is None and not quantize:
         if q_bits is not None or q_group_size is not None:
-            raise UserError("--q-bits/--q-group-size only apply with -q or --recipe")
+            raise UserError("--q-bits/--q-group-size only apply with -q or --recipe; add -q")
         return None
     if recipe is not None and q_bits is not None:
         raise UserError(

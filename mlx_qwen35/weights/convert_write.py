@@ -115,6 +115,9 @@ def _write_atomically(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        # mkdtemp makes it private (0700); the finished folder gets what the umask gives any
+        # new directory, as `mkdir` would.
+        os.chmod(tmp, 0o777 & ~_umask())
     except OSError as e:
         raise UserError(
             f"cannot write to {out.parent} ({e.strerror or e}); pick a writable --mlx-path"
@@ -187,10 +190,36 @@ def _quality_report(plan: Plan, folder: Path, errors: dict) -> dict[str, Any]:
     return result
 
 
-def _check_disk(folder: Path, need: int) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _existing_ancestor(folder: Path) -> Path:
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    return probe
+
+
+def _check_writable(folder: Path) -> None:
+    """UserError unless a directory can be created in `folder` (or, if it does not exist yet,
+    in its nearest existing ancestor): checked before the disk space, since a location we cannot
+    write to often reports no free space at all (/proc, read-only mounts)."""
+    probe = _existing_ancestor(folder)
+    if not probe.is_dir():
+        raise UserError(f"cannot write to {folder}: {probe} is a file; pick another --mlx-path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mlx_qwen35-probe-", dir=probe))
+    except OSError as e:
+        raise UserError(
+            f"cannot write to {probe} ({e.strerror or e}); pick a writable --mlx-path"
+        ) from None
+
+
+def _check_disk(folder: Path, need: int) -> None:
+    probe = _existing_ancestor(folder)
     try:
         free = shutil.disk_usage(probe).free
     except OSError:

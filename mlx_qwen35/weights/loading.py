@@ -25,6 +25,7 @@ import mlx.nn as nn
 
 from ..errors import UserError
 from ..model.config import ModelConfig, load_config
+from ..model.config_fields import typed
 from ..model.model import Model
 
 TINY_RANDOM = "tiny-random"
@@ -204,10 +205,15 @@ def quantize_like_checkpoint(
     `config` is the raw config.json dict; per-module overrides in its quantization block (as
     mlx-lm writes them for mixed recipes) are honoured. Works for any MLX model, mlx-lm's too.
     """
-    quant = config.get("quantization") or config.get("quantization_config")
+    key = "quantization" if config.get("quantization") else "quantization_config"
+    quant = typed(config, key, dict, None)
     if not quant:
         return
-    defaults = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
+    defaults = {}
+    for name, kind in (("group_size", int), ("bits", int), ("mode", str)):
+        value = typed(quant, name, kind, None, where=f"{key}.", positive=kind is int)
+        if value is not None:
+            defaults[name] = value
 
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
         if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
