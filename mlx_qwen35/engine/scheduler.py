@@ -95,6 +95,7 @@ class Engine:
         self._steps = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._wired: int | None = None  # the wired-memory limit to restore when idle (Metal)
 
     # ------------------------------------------------------------------ public
 
@@ -184,6 +185,7 @@ class Engine:
     # ------------------------------------------------------------------ one step
 
     def _step(self) -> None:
+        self._wire(True)
         with mx.stream(self._stream):
             self._drop_cancelled()
             if self._running:
@@ -196,6 +198,20 @@ class Engine:
             if not self.has_work():
                 self._cache = self._pending = None
                 mx.clear_cache()
+                self._wire(False)
+
+    def _wire(self, busy: bool) -> None:
+        """On an Apple GPU, keep the model's memory wired while requests run (as mlx-lm's
+        generate does), and give the old limit back when the engine goes idle."""
+        if (self._wired is not None) == busy or mx.default_device() != mx.gpu:
+            return
+        if busy:
+            limit = mx.device_info()["max_recommended_working_set_size"]
+            self._wired = mx.set_wired_limit(limit)
+        else:
+            mx.synchronize(self._stream)
+            mx.set_wired_limit(self._wired)
+            self._wired = None
 
     def _drop_cancelled(self) -> None:
         with self._cv:
