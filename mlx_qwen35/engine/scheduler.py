@@ -186,19 +186,26 @@ class Engine:
 
     def _step(self) -> None:
         self._wire(True)
-        with mx.stream(self._stream):
-            self._drop_cancelled()
-            if self._running:
-                self._decode()
-            if self._prefilling is None and len(self._running) < self.max_batch_size:
-                with self._cv:
-                    self._prefilling = self._waiting.popleft() if self._waiting else None
-            if self._prefilling is not None:
-                self._prefill(self._prefilling)
-            if not self.has_work():
-                self._cache = self._pending = None
-                mx.clear_cache()
-                self._wire(False)
+        try:
+            with mx.stream(self._stream):
+                self._drop_cancelled()
+                if self._running:
+                    self._decode()
+                if self._prefilling is None and len(self._running) < self.max_batch_size:
+                    with self._cv:
+                        self._prefilling = self._waiting.popleft() if self._waiting else None
+                if self._prefilling is not None:
+                    self._prefill(self._prefilling)
+        except Exception as e:  # whatever broke, the requests in flight end with it, not the engine
+            for row in [*self._running, self._prefilling]:
+                if row is not None:
+                    self._finish(row, "error", e)
+            self._running, self._prefilling = [], None
+            self._cache = self._pending = None
+        if not self.has_work():
+            self._cache = self._pending = None
+            mx.clear_cache()
+            self._wire(False)
 
     def _wire(self, busy: bool) -> None:
         """On an Apple GPU, keep the model's memory wired while requests run (as mlx-lm's
