@@ -166,7 +166,7 @@ class TokenEvent:
         from_draft: bool = False,
         finish_reason: str | None = None,
         *,
-        logits: tuple[mx.array, int] | None = None,
+        logits: mx.array | None = None,
     ):
         self.token = token
         self._logprobs = logprobs
@@ -178,11 +178,9 @@ class TokenEvent:
     @property
     def logprobs(self) -> mx.array:
         if self._logprobs is None:
-            # The engine hands out its evaluated logits [B, V] and this event's row; normalising
-            # that row here, lazily and on the reader's stream, costs the engine nothing when
-            # nobody reads it.
-            logits, i = self._logits
-            row = logits[i]
+            # The engine hands out the evaluated logits row [V]; normalising it here, lazily and
+            # on the reader's stream, costs the engine nothing when nobody reads it.
+            row = self._logits
             self._logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
             self._logits = None
         return self._logprobs

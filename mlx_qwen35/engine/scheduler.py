@@ -37,6 +37,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import UserError
+from ..model.cache import owned_copy
 from .batch_cache import extract_row, filter_rows, merge_rows
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .request import Request, RequestHandle, TokenEvent
@@ -91,7 +92,7 @@ class Engine:
         self._prefilling: Row | None = None
         self._running: list[Row] = []
         self._cache: list[Any] | None = None  # the batch's caches, one row per running request
-        self._pending: tuple[mx.array, mx.array, Any] | None = None  # tokens not yet handed out
+        self._pending: Pending | None = None  # sampled tokens not yet handed out
         self._steps = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -249,28 +250,28 @@ class Engine:
             row.cache = None
             self._finish(row, "error", e)
             return
-        mx.async_eval(pending[0], pending[1], _arrays(pending[2]))
+        pending = Pending.of(*pending)
+        pending.schedule()
         self._cache = merge_rows(self._cache, row.cache)
         row.cache = None
-        self._pending = pending if self._pending is None else _cat_pending(self._pending, pending)
+        self._pending = pending if self._pending is None else self._pending.join(pending)
         self._running.append(row)
         self._prefilling = None
 
     def _decode(self) -> None:
         rows = self._running
-        tokens, logits, top = self._pending
+        pending = self._pending
         following = None
         try:
             if any(len(r.generated) + 1 < r.max_tokens for r in rows):
-                out = self.model(tokens[:, None], cache=self._cache)[:, -1, :]
-                following = sample_batch(out, [r.sampler for r in rows], tokens)
-                mx.async_eval(
-                    following[0], following[1], _arrays(following[2]), _cache_arrays(self._cache)
-                )
+                out = self.model(pending.tokens[:, None], cache=self._cache)[:, -1, :]
+                sampled = sample_batch(out, [r.sampler for r in rows], pending.tokens)
+                following = Pending.of(*sampled)
+                following.schedule(_cache_arrays(self._cache))
                 for r in rows:
                     r.fed += 1
-            ids = tokens.tolist()
-            top_lists = (top[0].tolist(), top[1].tolist()) if top is not None else None
+            ids = pending.tokens.tolist()
+            top = pending.top_lists()
         except Exception as e:  # a failed forward fails every row of the batch
             for r in rows:
                 self._finish(r, "error", e)
@@ -280,7 +281,7 @@ class Engine:
         finished: list[int] = []
         with self._cv:
             for i, r in enumerate(rows):
-                reason = self._emit(r, i, ids[i], logits, top_lists, now)
+                reason = self._emit(r, i, ids[i], pending.logits[i], top, now)
                 if reason is not None or r.sampler.error is not None:
                     finished.append(i)
         self._steps += 1
@@ -316,7 +317,7 @@ class Engine:
             top_logprobs = list(zip(top[0][i][:k], top[1][i][:k], strict=True))
         handle = r.handle
         if handle is not None:
-            handle._push(TokenEvent(token, None, top_logprobs, False, reason, logits=(logits, i)))
+            handle._push(TokenEvent(token, None, top_logprobs, False, reason, logits=logits))
             if reason is not None:
                 handle._finish(reason)
         return reason
@@ -329,10 +330,7 @@ class Engine:
             return
         filter_rows(self._cache, keep)
         if self._pending is not None:
-            sel = mx.array(keep)
-            tokens, logits, top = self._pending
-            top = None if top is None else (top[0][sel], top[1][sel])
-            self._pending = (tokens[sel], logits[sel], top)
+            self._pending = self._pending.select(keep)
 
     def _finish(self, row: Row, reason: str, error: BaseException | None = None) -> None:
         handle = row.handle
@@ -342,8 +340,49 @@ class Engine:
                 self._cv.notify_all()
 
 
-def _arrays(top: Any) -> list[mx.array]:
-    return [] if top is None else list(top)
+class Pending:
+    """Tokens sampled for the running rows but not yet handed out: tokens [B]; logits: each row's
+    adjusted logits [V] (its own buffer when B > 1, so that an event kept by a consumer holds one
+    row, not the batch's); top: the top log-probabilities (ids [B, k], values [B, k]) or None."""
+
+    def __init__(self, tokens: mx.array, logits: list[mx.array], top: Any):
+        self.tokens, self.logits, self.top = tokens, logits, top
+
+    @classmethod
+    def of(cls, tokens: mx.array, logits: mx.array, top: Any) -> Pending:
+        B = logits.shape[0]
+        rows = [logits[0]] if B == 1 else [owned_copy(logits[i]) for i in range(B)]
+        return cls(tokens, rows, top)
+
+    def schedule(self, extra: list[mx.array] = ()) -> None:
+        """Queue the computation (the step after this one is built before these are read)."""
+        mx.async_eval(self.tokens, self.logits, list(self.top or ()), list(extra))
+
+    def top_lists(self) -> tuple[list, list] | None:
+        return None if self.top is None else (self.top[0].tolist(), self.top[1].tolist())
+
+    def select(self, keep: list[int]) -> Pending:
+        sel = mx.array(keep)
+        top = None if self.top is None else (self.top[0][sel], self.top[1][sel])
+        return Pending(self.tokens[sel], [self.logits[i] for i in keep], top)
+
+    def join(self, other: Pending) -> Pending:
+        tokens = mx.concatenate([self.tokens, other.tokens])
+        top = None
+        if self.top is not None or other.top is not None:
+            k = max(p.top[0].shape[1] for p in (self, other) if p.top is not None)
+            (a_ids, a_vals), (b_ids, b_vals) = (p._top_padded(k) for p in (self, other))
+            top = (mx.concatenate([a_ids, b_ids]), mx.concatenate([a_vals, b_vals]))
+        return Pending(tokens, self.logits + other.logits, top)
+
+    def _top_padded(self, k: int) -> tuple[mx.array, mx.array]:
+        rows = self.tokens.size
+        if self.top is None:
+            return mx.zeros((rows, k), mx.uint32), mx.full((rows, k), -float("inf"))
+        pad = k - self.top[0].shape[1]
+        ids = mx.pad(self.top[0].astype(mx.uint32), [(0, 0), (0, pad)])
+        vals = mx.pad(self.top[1], [(0, 0), (0, pad)], constant_values=-float("inf"))
+        return ids, vals
 
 
 def _cache_arrays(cache: list[Any]) -> list[mx.array]:
@@ -352,25 +391,6 @@ def _cache_arrays(cache: list[Any]) -> list[mx.array]:
         state = c.state
         out.extend(x for x in state if isinstance(x, mx.array))
     return out
-
-
-def _cat_pending(a: tuple, b: tuple) -> tuple:
-    tokens = mx.concatenate([a[0], b[0]])
-    logits = mx.concatenate([a[1], b[1]])
-    if a[2] is None and b[2] is None:
-        return tokens, logits, None
-    n = (a[0].size, b[0].size)
-    k = max(t[0].shape[1] for t in (a[2], b[2]) if t is not None)
-    ids, vals = [], []
-    for top, rows in zip((a[2], b[2]), n, strict=True):
-        if top is None:
-            ids.append(mx.zeros((rows, k), mx.uint32))
-            vals.append(mx.full((rows, k), -float("inf")))
-        else:
-            pad = k - top[0].shape[1]
-            ids.append(mx.pad(top[0].astype(mx.uint32), [(0, 0), (0, pad)]))
-            vals.append(mx.pad(top[1], [(0, 0), (0, pad)], constant_values=-float("inf")))
-    return tokens, logits, (mx.concatenate(ids), mx.concatenate(vals))
 
 
 _engines_lock = threading.Lock()
