@@ -138,7 +138,8 @@ def sample_batch(
     logits [B, V] the tokens were drawn from, and for rows that asked, the top log-probabilities
     (ids [B, k], values [B, k]) with k the largest request).
     """
-    logits = logits.astype(mx.float32)
+    if logits.dtype != mx.float32:
+        logits = logits.astype(mx.float32)
     if fed is not None:
         for i, row in enumerate(rows):
             row.feed(fed[i : i + 1])
