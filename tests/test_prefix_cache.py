@@ -107,7 +107,7 @@ def test_without_room_nothing_is_kept(base):
 
 
 def entry(tokens: tuple[int, ...], nbytes: int, owner=None) -> PrefixEntry:
-    layers = [("gdn", mx.zeros((nbytes // 4 - 1,), mx.float32), mx.zeros((1,), mx.float32))]
+    layers = [("gdn", (mx.zeros((nbytes // 4 - 1,), mx.float32), mx.zeros((1,), mx.float32)))]
     return PrefixEntry(tokens, layers, owners={owner} if owner is not None else set())
 
 

@@ -115,7 +115,7 @@ def raw_session(text: str):
 
 
 def first_kv(header) -> str:
-    return next(k for k, v in header.items() if k.endswith(".a") and len(v["shape"]) == 4)
+    return next(k for k, v in header.items() if k.endswith(".0") and len(v["shape"]) == 4)
 
 
 def wrong_head_size(header):

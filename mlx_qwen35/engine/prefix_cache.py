@@ -27,7 +27,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..model.cache import GatedDeltaCache, KVCache, owned_copy
+from ..model.cache import CACHE_KINDS, KVCache, owned_copy
 from .request import MediaSpan
 
 # Default bound of one engine's prefix cache. At 0.8B (fp32 KV, 6 attention layers) a token costs
@@ -41,16 +41,18 @@ _clock = itertools.count()
 class PrefixEntry:
     """The model state after `tokens`.
 
-    layers: per decoder layer, ("kv", keys [1, n_kv, n, d], values) or ("gdn", conv [1, K-1, C],
-    state [1, Hv, Dv, Dk] fp32). rope_delta: [1] int32 or None (the token at index n has
-    position n + rope_delta). media: the media spans inside `tokens`, with their content keys.
+    layers: per decoder layer, (kind, arrays): the cache class's snapshot, e.g. ("kv", (keys
+    [1, n_kv, n, d], values)) or ("gdn", (conv [1, K-1, C], state [1, Hv, Dv, Dk] fp32)); see
+    model/cache.py (`snapshot`, `from_snapshot`, `CACHE_KINDS`). rope_delta: [1] int32 or None
+    (the token at index n has position n + rope_delta). media: the media spans inside `tokens`,
+    with their content keys.
     kind: "boundary" (a message end) or "final" (the end of a reply). owners: the tags of the
     requests that made or reached it (`Request.cache_owner`): an entry with owners lives until
     the last one releases it (or LRU eviction), one without lives by LRU alone.
     """
 
     tokens: tuple[int, ...] = field(repr=False)
-    layers: list[tuple[str, mx.array, mx.array]] = field(repr=False)
+    layers: list[tuple[str, tuple[mx.array, ...]]] = field(repr=False)
     rope_delta: mx.array | None = field(default=None, repr=False)
     media: tuple[MediaSpan, ...] = ()
     kind: str = "boundary"
@@ -63,7 +65,7 @@ class PrefixEntry:
 
     @property
     def nbytes(self) -> int:
-        total = sum(a.nbytes + b.nbytes for _, a, b in self.layers)
+        total = sum(a.nbytes for _, arrays in self.layers for a in arrays)
         return total + (self.rope_delta.nbytes if self.rope_delta is not None else 0)
 
     @property
@@ -78,15 +80,9 @@ class PrefixEntry:
 
     def make_cache(self) -> list[Any]:
         """A fresh one-row cache holding this state (the entry stays untouched)."""
-        out: list[Any] = []
-        for kind, a, b in self.layers:
-            if kind == "kv":
-                out.append(KVCache.from_prefix(a, b, self.rope_delta))
-            else:
-                c = GatedDeltaCache()
-                c.cache = [a, b]  # never written in place: each step makes new state arrays
-                out.append(c)
-        return out
+        return [
+            CACHE_KINDS[kind].from_snapshot(arrays, self.rope_delta) for kind, arrays in self.layers
+        ]
 
     @classmethod
     def from_cache(
@@ -98,20 +94,17 @@ class PrefixEntry:
     ) -> PrefixEntry:
         """A snapshot of a one-row, unpadded cache that holds exactly `tokens` (copies)."""
         n = len(tokens)
-        layers: list[tuple[str, mx.array, mx.array]] = []
         rope_delta = None
         for c in cache:
             if isinstance(c, KVCache):
                 if c.offset != n:
                     raise ValueError(f"the cache holds {c.offset} tokens, not {n}")
-                layers.append(("kv", *c.prefix(n)))
                 if c.rope_delta is not None:
                     rope_delta = owned_copy(c.rope_delta)
-            else:
-                # The conv state may be a view of a whole prefill window: copy.
-                layers.append(("gdn", owned_copy(c[0]), owned_copy(c[1])))
-        arrays = [x for _, a, b in layers for x in (a, b)]
-        mx.eval(arrays, rope_delta if rope_delta is not None else [])
+        layers = [(c.kind, c.snapshot(n)) for c in cache]
+        mx.eval(
+            [a for _, arrays in layers for a in arrays], [] if rope_delta is None else rope_delta
+        )
         media = tuple(m for m in media if m.end <= n)
         owner = info.pop("owner", None)
         owners = {owner} if owner is not None else set()

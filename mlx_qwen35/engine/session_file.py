@@ -58,8 +58,9 @@ def save_session(session: Any, path: str | os.PathLike) -> None:
         segments.append({"text": seg.text, "media": list(seg.media), "ids": seg.ids})
     entries = []
     for j, entry in enumerate(session.engine.prefix_cache.entries(session._owner)):
-        for i, (_, a, b) in enumerate(entry.layers):
-            arrays[f"entry.{j}.{i}.a"], arrays[f"entry.{j}.{i}.b"] = a, b
+        for i, (_, layer) in enumerate(entry.layers):
+            for k, array in enumerate(layer):
+                arrays[f"entry.{j}.{i}.{k}"] = array
         if entry.rope_delta is not None:
             arrays[f"entry.{j}.rope_delta"] = entry.rope_delta
         entries.append(
@@ -217,7 +218,7 @@ def _entry(info: Any, j: int, arrays: dict[str, mx.array], model: Any) -> Prefix
     act = _activation_dtype(model)
     layers = []
     for i, layer in enumerate(model.layers):
-        a, b = arrays.get(f"entry.{j}.{i}.a"), arrays.get(f"entry.{j}.{i}.b")
+        a, b = arrays.get(f"entry.{j}.{i}.0"), arrays.get(f"entry.{j}.{i}.1")
         if a is None or b is None:
             raise ValueError(f"cache entry {j} has no state for layer {i}")
         if layer.is_linear:
@@ -230,18 +231,18 @@ def _entry(info: Any, j: int, arrays: dict[str, mx.array], model: Any) -> Prefix
             )
             _check_tensor(a, conv, act, f"entry {j} layer {i} conv state")
             _check_tensor(b, rec, mx.float32, f"entry {j} layer {i} recurrent state")
-            layers.append(("gdn", a, b))
+            layers.append(("gdn", (a, b)))
         else:
             shape = (1, args.num_key_value_heads, n, args.head_dim)
             _check_tensor(a, shape, act, f"entry {j} layer {i} keys")
             _check_tensor(b, shape, act, f"entry {j} layer {i} values")
-            layers.append(("kv", a, b))
+            layers.append(("kv", (a, b)))
     rope_delta = arrays.get(f"entry.{j}.rope_delta")
     if rope_delta is not None:
         _check_tensor(rope_delta, (1,), mx.int32, f"entry {j} rotary offset")
         if not -n <= int(rope_delta.item()) <= args.max_position_embeddings:
             raise ValueError(f"cache entry {j} has a rotary offset out of range")
-    mx.eval([x for _, a, b in layers for x in (a, b)])
+    mx.eval([x for _, pair in layers for x in pair])
     return PrefixEntry(tokens, layers, rope_delta, tuple(media), kind=kind)
 
 

@@ -123,17 +123,23 @@ class KVCache:
         real = mx.sum(self.key_mask.astype(mx.int32), axis=1)
         return [self.offset - n for n in real.tolist()]
 
-    def prefix(self, length: int) -> tuple[mx.array, mx.array]:
+    # A snapshot (the prefix cache's, a saved session's) is a tuple of arrays per layer, made by
+    # `snapshot` and turned back into a one-row cache by `from_snapshot`; `kind` names the class
+    # in saved files (CACHE_KINDS).
+    kind = "kv"
+
+    def snapshot(self, length: int) -> tuple[mx.array, mx.array]:
         """Copies of the first `length` positions of a one-row, unpadded cache: (keys, values)
         [1, n_kv_heads, length, head_dim]."""
         if self.batch_size != 1 or self.key_mask is not None or not 0 < length <= self.offset:
-            raise ValueError(f"prefix({length}) needs an unpadded one-row cache of >= {length}")
+            raise ValueError(f"snapshot({length}) needs an unpadded one-row cache of >= {length}")
         return owned_copy(self.keys[..., :length, :]), owned_copy(self.values[..., :length, :])
 
     @classmethod
-    def from_prefix(cls, keys: mx.array, values: mx.array, rope_delta: mx.array | None) -> KVCache:
-        """A one-row cache holding `keys`/`values` [1, n_kv, n, d] (copied into a buffer with room
-        to grow, so that the arrays given stay untouched)."""
+    def from_snapshot(cls, arrays: Sequence[mx.array], rope_delta: mx.array | None) -> KVCache:
+        """A one-row cache holding keys/values [1, n_kv, n, d] (copied into a buffer with room to
+        grow, so that the snapshot stays untouched)."""
+        keys, values = arrays
         cache = cls()
         n = keys.shape[2]
         cache.keys = _fresh(keys, _capacity(n, cls.step))
@@ -220,6 +226,8 @@ def _stack_right_aligned(parts: list[tuple[mx.array, int]], length: int, cap: in
 class GatedDeltaCache:
     """cache[0]: conv state [B, K-1, C] (activation dtype); cache[1]: state [B, Hv, Dv, Dk] fp32."""
 
+    kind = "gdn"
+
     def __init__(self) -> None:
         self.cache: list[mx.array | None] = [None, None]
 
@@ -280,6 +288,22 @@ class GatedDeltaCache:
         out = GatedDeltaCache()
         out.cache = [owned_copy(c[row : row + 1]) for c in self.cache]
         return out
+
+    def snapshot(self, length: int) -> tuple[mx.array, mx.array]:
+        """Copies of (conv state, recurrent state) of a one-row cache (the conv state may be a
+        view of a whole prefill window); `length` is for the protocol: no time axis here."""
+        return owned_copy(self.cache[0]), owned_copy(self.cache[1])
+
+    @classmethod
+    def from_snapshot(
+        cls, arrays: Sequence[mx.array], rope_delta: mx.array | None = None
+    ) -> GatedDeltaCache:
+        cache = cls()
+        cache.cache = list(arrays)  # never written in place: each step makes new state arrays
+        return cache
+
+
+CACHE_KINDS = {"kv": KVCache, "gdn": GatedDeltaCache}
 
 
 def make_cache(layer_types: list[str]) -> list[Any]:
