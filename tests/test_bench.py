@@ -153,3 +153,38 @@ def test_the_real_sizes_have_the_published_dimensions():
             tied,
         )
         assert text.vocab_size == 248320 and text.layer_types[3] == "full_attention"
+
+
+def test_concurrency_levels_against_mlx_lms_batch_generator():
+    result = invoke(
+        "--config", "tiny", "-p", "10", "-g", "6", "--concurrency", "1,3", "--vs", "mlx-lm"
+    )
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines() if line[:1] in ("1", "3")]
+    table = [r for r in rows if r[1] in ("mlx-qwen35", "mlx-lm")]
+    assert [(r[0], r[1]) for r in table] == [
+        ("1", "mlx-qwen35"),
+        ("1", "mlx-lm"),
+        ("3", "mlx-qwen35"),
+        ("3", "mlx-lm"),
+    ]
+    for r in table:  # aggregate, per stream = aggregate / streams, scale against 1 stream
+        assert float(r[2]) > 0 and abs(float(r[3]) - float(r[2]) / int(r[0])) < 0.01
+    assert "3 streams: mlx-qwen35 / mlx-lm aggregate generation" in result.output
+
+
+@pytest.mark.parametrize("value", ["0,2", "two", ""])
+def test_bad_concurrency_levels(value):
+    result = invoke("--config", "tiny", "-p", "4", "-g", "2", "--concurrency", value)
+    assert result.exit_code != 0 and "stream counts like 1,2,4,8" in result.output
+
+
+def test_window_rate_counts_only_while_every_stream_decodes():
+    from mlx_qwen35.bench.concurrency import window_rate
+
+    # Stream a decodes alone from t=0; b joins at t=4; a ends at t=10.
+    a = [float(t) for t in range(11)]
+    b = [4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0]
+    # In (4, 10]: 6 tokens of a and 6 of b over 6 seconds.
+    assert window_rate([a, b]) == 2.0
+    assert window_rate([a]) == 1.0  # one stream: tokens after the first over the time after it

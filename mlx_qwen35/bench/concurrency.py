@@ -122,9 +122,15 @@ def run_levels(
     vocab: int,
     seed: int,
 ) -> None:
-    """Print aggregate and per-stream generation tok/s per level for each (label, run)."""
+    """Print, level by level, aggregate and per-stream generation tok/s (medians of `repeats`)
+    for each (label, model), then ours over mlx-lm's aggregate at each level."""
     runs = {"mlx-qwen35": ours_concurrent, "mlx-lm": mlx_lm_concurrent}
-    results: dict[tuple[str, int], list[float]] = {}
+    width = max(len(label) for label, _ in entries) + 2
+    click.echo(
+        f"{'streams':<9}{'model':<{width}}{'aggregate gen tok/s':>21}{'per stream':>12}"
+        f"{'vs 1 stream':>13}"
+    )
+    medians: dict[tuple[str, int], float] = {}
     for level in levels:
         prompts = [
             mx.random.randint(
@@ -135,20 +141,15 @@ def run_levels(
         warm = [p[:8] for p in prompts]
         for label, model in entries:  # first-call costs at this batch size stay out of the timing
             runs[label](model, warm, 3, prefill_step_size)
+        rates: dict[str, list[float]] = {label: [] for label, _ in entries}
         for _ in range(repeats):
             for label, model in entries:
-                rate = runs[label](model, prompts, generation_tokens, prefill_step_size)
-                results.setdefault((label, level), []).append(rate)
-    width = max(len(label) for label, _ in entries) + 2
-    click.echo(
-        f"{'streams':<9}{'model':<{width}}{'aggregate gen tok/s':>21}{'per stream':>12}"
-        f"{'vs 1 stream':>13}"
-    )
-    medians = {key: statistics.median(v) for key, v in results.items()}
-    for level in levels:
+                rates[label].append(
+                    runs[label](model, prompts, generation_tokens, prefill_step_size)
+                )
         for label, _ in entries:
-            rate = medians[(label, level)]
-            one = medians.get((label, levels[0]), 0.0) if levels[0] == 1 else 0.0
+            rate = medians[(label, level)] = statistics.median(rates[label])
+            one = medians.get((label, 1), 0.0)
             scale = f"{rate / one:.2f}x" if one > 0 else "n/a"
             click.echo(f"{level:<9}{label:<{width}}{rate:>21.2f}{rate / level:>12.2f}{scale:>13}")
     if len(entries) > 1:
