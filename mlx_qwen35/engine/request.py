@@ -115,7 +115,9 @@ class Request:
     input_embeddings [T', H] (or [1, T', H]) and position_ids [3, T'] (or [3, 1, T']): the merged
         embeddings and 3-D positions of the last T' <= T prompt tokens (T' < T only together with
         a `prefix` that covers the rest: the engine resumes from it).
-    logits_processors: `(tokens [n] (prompt + generated so far), logits [1, V]) -> logits`.
+    logits_processors: `(tokens [n] (prompt + generated so far), logits [1, V]) -> logits`. They
+        run on whichever thread drives the engine: an array a processor keeps must be evaluated
+        (a lazy array made on another thread cannot be computed there).
     stop_token_ids: ids that end the reply (default: the processor's end-of-turn ids).
     boundaries: prompt positions where the prefix cache keeps a snapshot (message ends).
     media_spans: MediaSpan or (start, end) ranges of the prompt never resumed inside.
@@ -153,7 +155,8 @@ class TokenEvent:
     and penalties, before temperature and truncation), computed when first read, on the reader's
     thread. top_logprobs: [(token, logprob)] best first, when the request asked for them.
     from_draft: accepted from a speculative draft. finish_reason: None, "stop" (a stop id, which
-    is this token) or "length" (max_tokens reached with this token).
+    is this token) or "length" (max_tokens reached with this token). Made with either `logprobs`
+    or `logits` (an evaluated row [V] that the first read of `logprobs` normalises).
     """
 
     __slots__ = ("token", "_logprobs", "_logits", "top_logprobs", "from_draft", "finish_reason")
