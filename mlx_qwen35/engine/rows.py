@@ -136,7 +136,6 @@ class Row:
         self.done = 0  # prompt tokens in the cache
         self.generated: list[int] = []
         self.fed = 0  # tokens (prompt and generated) the cache holds
-        self.submitted = time.perf_counter()
         self.first_token_time = 0.0
         self.prefill_start = 0.0
 
