@@ -160,16 +160,14 @@ def test_concurrency_levels_against_mlx_lms_batch_generator():
         "--config", "tiny", "-p", "10", "-g", "6", "--concurrency", "1,3", "--vs", "mlx-lm"
     )
     assert result.exit_code == 0, result.output
-    rows = [line.split() for line in result.output.splitlines() if line[:1] in ("1", "3")]
-    table = [r for r in rows if r[1] in ("mlx-qwen35", "mlx-lm")]
-    assert [(r[0], r[1]) for r in table] == [
-        ("1", "mlx-qwen35"),
-        ("1", "mlx-lm"),
-        ("3", "mlx-qwen35"),
-        ("3", "mlx-lm"),
-    ]
-    for r in table:  # aggregate, per stream = aggregate / streams, scale against 1 stream
-        assert float(r[2]) > 0 and abs(float(r[3]) - float(r[2]) / int(r[0])) < 0.01
+    rows = [line.split() for line in result.output.splitlines()]
+    runs = [r for r in rows if r[:1] == ["1"] and len(r) == 5]
+    medians = [r for r in rows if r[:1] == ["median"]]
+    expected = [("1", "mlx-qwen35"), ("1", "mlx-lm"), ("3", "mlx-qwen35"), ("3", "mlx-lm")]
+    assert [(r[1], r[2]) for r in runs] == [(r[1], r[2]) for r in medians] == expected
+    for r in runs + medians:  # aggregate, per stream = aggregate / streams
+        assert float(r[3]) > 0 and abs(float(r[4]) - float(r[3]) / int(r[1])) < 0.01
+    assert [r[5] for r in medians[:2]] == ["1.00x", "1.00x"]
     assert "3 streams: mlx-qwen35 / mlx-lm aggregate generation" in result.output
 
 

@@ -122,36 +122,47 @@ def run_levels(
     vocab: int,
     seed: int,
 ) -> None:
-    """Print, level by level, aggregate and per-stream generation tok/s (medians of `repeats`)
-    for each (label, model), then ours over mlx-lm's aggregate at each level."""
+    """Print aggregate and per-stream generation tok/s of every run as it finishes, then the
+    medians per level (and their scale against 1 stream) and ours over mlx-lm's aggregate.
+    Levels and models alternate within each repeat, so a machine's load drifting over time
+    weighs on all of them alike."""
     runs = {"mlx-qwen35": ours_concurrent, "mlx-lm": mlx_lm_concurrent}
-    width = max(len(label) for label, _ in entries) + 2
-    click.echo(
-        f"{'streams':<9}{'model':<{width}}{'aggregate gen tok/s':>21}{'per stream':>12}"
-        f"{'vs 1 stream':>13}"
-    )
-    medians: dict[tuple[str, int], float] = {}
-    for level in levels:
-        prompts = [
+    prompts = {
+        level: [
             mx.random.randint(
                 0, min(vocab, 240000), (prompt_tokens,), key=mx.random.key(seed + i)
             ).tolist()
             for i in range(level)
         ]
-        warm = [p[:8] for p in prompts]
-        for label, model in entries:  # first-call costs at this batch size stay out of the timing
-            runs[label](model, warm, 3, prefill_step_size)
-        rates: dict[str, list[float]] = {label: [] for label, _ in entries}
-        for _ in range(repeats):
+        for level in levels
+    }
+    for level in levels:  # first-call costs at each batch size stay out of the timing
+        for label, model in entries:
+            runs[label](model, [p[:8] for p in prompts[level]], 3, prefill_step_size)
+    width = max(len(label) for label, _ in entries) + 2
+    click.echo(
+        f"{'run':<8}{'streams':<9}{'model':<{width}}{'aggregate gen tok/s':>21}{'per stream':>12}"
+        f"{'vs 1 stream':>13}"
+    )
+    rates: dict[tuple[str, int], list[float]] = {}
+    for r in range(repeats):
+        for level in levels:
             for label, model in entries:
-                rates[label].append(
-                    runs[label](model, prompts, generation_tokens, prefill_step_size)
+                rate = runs[label](model, prompts[level], generation_tokens, prefill_step_size)
+                rates.setdefault((label, level), []).append(rate)
+                click.echo(
+                    f"{r + 1:<8}{level:<9}{label:<{width}}{rate:>21.2f}{rate / level:>12.2f}"
                 )
+    medians = {key: statistics.median(v) for key, v in rates.items()}
+    for level in levels:
         for label, _ in entries:
-            rate = medians[(label, level)] = statistics.median(rates[label])
+            rate = medians[(label, level)]
             one = medians.get((label, 1), 0.0)
             scale = f"{rate / one:.2f}x" if one > 0 else "n/a"
-            click.echo(f"{level:<9}{label:<{width}}{rate:>21.2f}{rate / level:>12.2f}{scale:>13}")
+            click.echo(
+                f"{'median':<8}{level:<9}{label:<{width}}{rate:>21.2f}{rate / level:>12.2f}"
+                f"{scale:>13}"
+            )
     if len(entries) > 1:
         for level in levels:
             ours, theirs = medians[("mlx-qwen35", level)], medians[("mlx-lm", level)]
