@@ -15,15 +15,15 @@ from mlx_qwen35.model import cpu_fast
 
 @pytest.fixture
 def fresh_choices(monkeypatch):
-    monkeypatch.setattr(cpu_fast, "_small_calls_chosen", {})
-    return cpu_fast._small_calls_chosen
+    monkeypatch.setattr(cpu_fast, "_ways_chosen", {})
+    return cpu_fast._ways_chosen
 
 
-def scripted_clock(monkeypatch, plain: float, small: float) -> None:
-    """perf_counter as seen by the calibration: the plain product takes `plain` s, the small
-    calls `small` s (they alternate, plain first)."""
+def scripted_clock(monkeypatch, *spans_of_ways: float) -> None:
+    """perf_counter as seen by the calibration: the ways it times (plain, small calls, then split
+    when it is a candidate) take these many seconds, in that order, round after round."""
     ticks = itertools.count()
-    spans = itertools.cycle([plain, small])
+    spans = itertools.cycle(spans_of_ways)
     state = {"t": 0.0}
 
     def clock() -> float:
@@ -36,20 +36,20 @@ def scripted_clock(monkeypatch, plain: float, small: float) -> None:
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 def test_small_calls_equal_one_matmul(fresh_choices, monkeypatch, rows):
-    scripted_clock(monkeypatch, plain=2.0, small=1.0)
+    scripted_clock(monkeypatch, 2.0, 1.0)
     rng = np.random.default_rng(rows)
     w = mx.array(rng.standard_normal((512, 96)).astype(np.float32))
     x = mx.array(rng.standard_normal((rows, 1, 96)).astype(np.float32))
     y = cpu_fast.linear(x, w)
     b = cpu_fast._rows_per_call(512, 96, rows)
-    assert fresh_choices == {(rows, 96, b): True}  # the small calls ran
+    assert fresh_choices == {(rows, 96, b, False): "small"}
     ref = x @ w.T
     assert y.shape == ref.shape == (rows, 1, 512)
     assert np.allclose(np.array(y), np.array(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_a_machine_where_small_calls_lose_keeps_the_plain_product(fresh_choices, monkeypatch):
-    scripted_clock(monkeypatch, plain=1.0, small=3.0)
+    scripted_clock(monkeypatch, 1.0, 3.0)
     calls = []
     real = cpu_fast._small_calls
 
@@ -61,7 +61,7 @@ def test_a_machine_where_small_calls_lose_keeps_the_plain_product(fresh_choices,
     w = mx.ones((1024, 64))
     x = mx.ones((2, 64))
     y = cpu_fast.linear(x, w)
-    assert list(fresh_choices.values()) == [False]
+    assert list(fresh_choices.values()) == ["plain"]
     timed = len(calls)  # only the calibration used them
     assert mx.array_equal(y, x @ w.T).item()
     cpu_fast.linear(x, w)  # decided once: no second timing, still the plain product
@@ -73,3 +73,18 @@ def test_prefill_and_other_dtypes_never_take_small_calls(fresh_choices):
     cpu_fast.linear(mx.ones((9, 64)), w)  # more rows than a decode batch
     cpu_fast.linear(mx.ones((1, 64), mx.bfloat16), w.astype(mx.bfloat16))
     assert fresh_choices == {}
+
+
+def test_a_batch_product_split_over_two_cores_when_that_is_fastest(fresh_choices, monkeypatch):
+    scripted_clock(monkeypatch, 3.0, 2.0, 1.0)  # plain, small calls, small calls split
+    rng = np.random.default_rng(0)
+    w = mx.array(rng.standard_normal((4096, 256)).astype(np.float32))  # 2^20 elements
+    x = mx.array(rng.standard_normal((4, 1, 256)).astype(np.float32))
+    y = cpu_fast.linear(x, w)
+    b = cpu_fast._rows_per_call(4096, 256, 4)
+    assert fresh_choices == {(4, 256, b, True): "split"}
+    assert np.allclose(np.array(y), np.array(x @ w.T), rtol=1e-5, atol=1e-5)
+    # One row: split is no candidate below 2^24 elements.
+    scripted_clock(monkeypatch, 2.0, 1.0)
+    cpu_fast.linear(x[:1], w)
+    assert fresh_choices[(1, 256, cpu_fast._rows_per_call(4096, 256, 1), False)] == "small"

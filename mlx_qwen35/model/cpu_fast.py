@@ -7,7 +7,8 @@ Three things are slow there, all measured on this project's 2-core x86 machines 
   (where the CPU has one: AVX-512 builds) at 15-19 GB/s, and twice that for a large matrix split
   over two CPU streams (two cores); 8 rows then cost ~1.5x one row instead of ~3x. Whether the
   small calls win depends on the CPU and the BLAS (on AMD Zen 3, without that kernel, they lose),
-  so the first product of each shape is timed both ways and the faster way kept (`linear`);
+  and whether a mid-sized product of several rows gains from the second core on how busy it is,
+  so the first product of each shape is timed each way and the fastest kept (`linear`);
 - exp (and so sigmoid, SiLU, softmax): a scalar libm call per element on one core, ~12 ns per
   element. Built from +, *, a rounding and a bit shift, and compiled, it is one vectorised pass
   at ~2.5 ns per element, accurate to ~3e-7 relative;
@@ -31,8 +32,11 @@ import mlx.core as mx
 _SMALL_CALL_ELEMENTS = (1 << 18, 1 << 19)
 # Products of up to this many rows (decode batches) may take the small calls.
 MAX_SMALL_CALL_ROWS = 8
-# Matrices from this many elements (64 MB in fp32) up are split over two CPU streams.
+# Matrices from this many elements (64 MB in fp32) up are split over two CPU streams; from the
+# smaller bound up, products of several rows are timed split too (the second core does half the
+# arithmetic where one core's small calls run out of it).
 _GEMV_SPLIT_ELEMENTS = 1 << 24
+_TIMED_SPLIT_ELEMENTS = 1 << 20
 # The first product of a shape is timed on at most this many weight elements, best of 3.
 _CALIBRATION_ELEMENTS = 1 << 22
 _CALIBRATION_REPEATS = 3
@@ -45,8 +49,10 @@ _EXP2 = tuple(math.log(2) ** i / math.factorial(i) for i in range(7))
 # made them, and generation may run on any thread.
 _second_stream = mx.new_thread_local_stream(mx.cpu)
 
-# (rows, K, b) -> whether the small calls beat one matmul on this machine.
-_small_calls_chosen: dict[tuple[int, int, int], bool] = {}
+# The ways to run a product of a few rows.
+PLAIN, SMALL, SPLIT = "plain", "small", "split"
+# (rows, K, b, whether split is a candidate) -> the way this machine runs fastest.
+_ways_chosen: dict[tuple[int, int, int, bool], str] = {}
 _calibration_lock = threading.Lock()
 
 
@@ -71,48 +77,54 @@ def _small_calls(x: mx.array, w: mx.array, b: int) -> mx.array:
 
 
 def _split_small_calls(x: mx.array, w: mx.array, b: int) -> mx.array:
-    n, k = w.shape
-    if n * k < _GEMV_SPLIT_ELEMENTS or n % (2 * b):
-        return _small_calls(x, w, b)
-    h = n // 2
+    """The small calls, half of the weight rows on the other core's stream."""
+    h = w.shape[0] // 2
     y1 = _small_calls(x, w[:h], b)
     with mx.stream(_second_stream):
         y2 = _small_calls(x, w[h:], b)
     return mx.concatenate([y1, y2], axis=-1)
 
 
-def _small_calls_win(m: int, k: int, b: int, weight: mx.array) -> bool:
-    key = (m, k, b)
-    chosen = _small_calls_chosen.get(key)
-    if chosen is None:
+def _way(m: int, k: int, b: int, weight: mx.array) -> str:
+    n = weight.shape[0]
+    timed_split = m > 1 and _TIMED_SPLIT_ELEMENTS <= n * k < _GEMV_SPLIT_ELEMENTS
+    key = (m, k, b, timed_split and n % (2 * b) == 0)
+    way = _ways_chosen.get(key)
+    if way is None:
         with _calibration_lock:
-            chosen = _small_calls_chosen.get(key)
-            if chosen is None:
-                chosen = _small_calls_chosen[key] = _time_small_calls(m, k, b, weight)
-    return chosen
+            way = _ways_chosen.get(key)
+            if way is None:
+                way = _ways_chosen[key] = _fastest_way(m, k, b, weight, key[3])
+    if way == SMALL and n * k >= _GEMV_SPLIT_ELEMENTS and n % (2 * b) == 0:
+        return SPLIT  # a matrix this large streams faster from two cores
+    return way
 
 
-def _time_small_calls(m: int, k: int, b: int, weight: mx.array) -> bool:
-    """Time x @ w.T both ways on (a slice of) this weight; True if the small calls are faster."""
-    rows = min(weight.shape[0], max(b, _CALIBRATION_ELEMENTS // k // b * b))
+def _fastest_way(m: int, k: int, b: int, weight: mx.array, split: bool) -> str:
+    """Time x @ w.T each way on (a slice of) this weight; the fastest way's name."""
+    step = 2 * b if split else b
+    rows = min(weight.shape[0], max(step, _CALIBRATION_ELEMENTS // k // step * step))
     w = weight[:rows]
     x = mx.random.normal((m, k), key=mx.random.key(0))
     mx.eval(x, w)
-    ways = (lambda: x @ w.T, lambda: _small_calls(x, w, b))
-    times: tuple[list[float], list[float]] = ([], [])
+    ways = {PLAIN: lambda: x @ w.T, SMALL: lambda: _small_calls(x, w, b)}
+    if split:
+        ways[SPLIT] = lambda: _split_small_calls(x, w, b)
+    times: dict[str, list[float]] = {name: [] for name in ways}
     for repeat in range(_CALIBRATION_REPEATS + 1):  # the first round only warms up
-        for way, spent in zip(ways, times, strict=True):
+        for name, way in ways.items():
             tic = perf_counter()
             mx.eval(way())
             elapsed = perf_counter() - tic
             if repeat:
-                spent.append(elapsed)
-    return min(times[1]) < min(times[0])
+                times[name].append(elapsed)
+    return min(times, key=lambda name: min(times[name]))
 
 
 def linear(x: mx.array, weight: mx.array) -> mx.array:
     """x @ weight.T; on the CPU, fp32 products of up to MAX_SMALL_CALL_ROWS rows take the
-    small-call path where this machine runs it faster (see the module docstring)."""
+    small-call path (split over two cores) where this machine runs it faster (see the module
+    docstring)."""
     n, k = weight.shape
     if weight.dtype != mx.float32 or x.shape[-1] != k or not on_cpu():
         return x @ weight.T
@@ -120,10 +132,11 @@ def linear(x: mx.array, weight: mx.array) -> mx.array:
     if m > MAX_SMALL_CALL_ROWS:
         return x @ weight.T
     b = _rows_per_call(n, k, m)
-    if b < 16 or not _small_calls_win(m, k, b, weight):
+    way = PLAIN if b < 16 else _way(m, k, b, weight)
+    if way == PLAIN:
         return x @ weight.T
-    y = _split_small_calls(x.reshape(m, k), weight, b)
-    return y.reshape(*x.shape[:-1], n)
+    run = _split_small_calls if way == SPLIT else _small_calls
+    return run(x.reshape(m, k), weight, b).reshape(*x.shape[:-1], n)
 
 
 def _exp_neg(x: mx.array) -> mx.array:
