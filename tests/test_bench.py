@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import mlx.core as mx
 import numpy as np
@@ -11,6 +12,16 @@ from click.testing import CliRunner
 
 from mlx_qwen35.bench import cli as bench
 from mlx_qwen35.model.config import ModelConfig
+from mlx_qwen35.model.gated_delta import dispatch
+from mlx_qwen35.model.gated_delta.dispatch import ENV_VAR
+
+# Backend name -> the function in dispatch that runs its recurrence.
+RECURRENCES = {
+    "ops": "gated_delta_reference",
+    "chunked": "chunked_gated_delta",
+    "steps": "gated_delta_steps",
+    "mlx-core": "_mlx_core",
+}
 
 
 def invoke(*args: str):
@@ -31,7 +42,20 @@ def test_vs_mlx_lm_prints_both_models_and_ratios():
 
 
 def test_each_gdn_backend_gets_its_own_row(monkeypatch):
-    monkeypatch.delenv("MLX_QWEN35_GDN_BACKEND", raising=False)
+    """Each row is timed on the backend it names: every recurrence call is counted by the
+    backend that ran it and by the backend the environment asked for at that moment."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    ran: Counter[tuple[str | None, str]] = Counter()
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            ran[os.environ.get(ENV_VAR), name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name, attr in RECURRENCES.items():
+        monkeypatch.setattr(dispatch, attr, counting(name, getattr(dispatch, attr)))
     result = invoke(
         "--config",
         "tiny",
@@ -49,7 +73,10 @@ def test_each_gdn_backend_gets_its_own_row(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "mlx-qwen35[ops] / mlx-lm" in result.output
     assert "mlx-qwen35[chunked] / mlx-lm" in result.output
-    assert "MLX_QWEN35_GDN_BACKEND" not in os.environ  # restored after each run
+    # Prompt and decode steps alike ran on the named backend only (3 linear layers in tiny).
+    assert set(ran) == {("ops", "ops"), ("chunked", "chunked")}, ran
+    assert ran["ops", "ops"] >= 3 * 2 and ran["chunked", "chunked"] >= 3 * 2
+    assert ENV_VAR not in os.environ  # restored after each run
 
 
 def test_one_generated_token_has_no_generation_ratio():

@@ -365,20 +365,6 @@ def test_bad_videos(tmp_path):
             VideoProcessor()(item)
 
 
-def test_video_file_without_pyav(tmp_path):
-    pytest.importorskip("PIL")
-    try:
-        import av  # noqa: F401
-
-        pytest.skip("PyAV is installed")
-    except ImportError:
-        pass
-    clip = tmp_path / "clip.mp4"
-    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(100))
-    with pytest.raises(UserError, match=r"clip.mp4: reading video files needs PyAV.*\[video\]"):
-        VideoProcessor()(clip)
-
-
 # ----------------------------------------------------------------------------- prompts
 
 VS, VE, IMG, VID = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"

@@ -19,6 +19,7 @@ from mlx_qwen35.engine.session import (
     thinking_budget_processor,
 )
 from mlx_qwen35.errors import UserError
+from mlx_qwen35.inputs.render import safe_encoder
 from mlx_qwen35.inputs.tools import ToolCall, ToolCallWarning
 from mlx_qwen35.model.config import TextConfig
 from mlx_qwen35.weights.loading import load, load_model
@@ -445,12 +446,28 @@ def test_corrupted_session_files_give_one_line_errors(tiny, tmp_path, hf_checkpo
         ChatSession.load(good, load_model(path), processor)
 
 
+class _FoldingEncoder:
+    def __init__(self, encoder, vocab: int):
+        self._e, self._vocab = encoder, vocab
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+    def encode(self, text):
+        return [t % self._vocab for t in self._e.encode(text)]
+
+    def encode_many(self, texts):
+        return [[t % self._vocab for t in ids] for ids in self._e.encode_many(texts)]
+
+
 class ModProcessor:
     """tiny-random's processor for a checkpoint with a smaller vocabulary: token ids are folded
     into the model's range (the tiny HF checkpoints come without a tokenizer)."""
 
     def __init__(self, processor, vocab: int):
         self._p, self._vocab = processor, vocab
+        # Rendering tokenizes through the processor's safe encoder: fold its ids too.
+        self.__dict__["_safe_encoder"] = _FoldingEncoder(safe_encoder(processor), vocab)
 
     def __getattr__(self, name):
         return getattr(self._p, name)

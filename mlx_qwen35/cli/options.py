@@ -152,3 +152,7 @@ def read_stdin(what: str) -> str:
             f"{what} is not valid UTF-8 text (byte 0x{data[e.start]:02x} at byte {e.start}); "
             "pass UTF-8"
         ) from None
+
+
+def thinking_budget_option(help: str) -> Decorator:
+    return click.option("--thinking-budget", type=click.IntRange(min=0), default=None, help=help)

@@ -145,6 +145,7 @@ def stream_generate(
     logits_processors: Sequence[LogitsProcessor] = (),
     prefill_step_size: int = 2048,
     verbose: bool = False,
+    response_format: Mapping[str, Any] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate a reply to `prompt`, one `GenerationResponse` per token.
 
@@ -161,6 +162,8 @@ def stream_generate(
         token generated so far; frequency_penalty: once per occurrence. seed: this request's own
         random stream (the same seed gives the same tokens, whatever else runs).
     logits_processors: mlx-lm style `(tokens, logits) -> logits`, tokens = prompt + generated.
+    response_format: OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"schema": ...}}, enforced while sampling (after the thinking block, if one is open).
     Stops at an end-of-turn token (<|im_end|>, generation_config's eos) or after `max_tokens`.
     """
     if prompt is None:
@@ -193,6 +196,17 @@ def stream_generate(
         tools=tools,
     )
     max_tokens = _fit_context(processor, ids, max_tokens)
+    logits_processors = list(logits_processors)
+    if response_format is not None:
+        from ..inputs.structured import constraint_processor, thinking_open
+
+        constraint = constraint_processor(
+            processor,
+            model.language_model.args.vocab_size,
+            response_format=response_format,
+            after_think=thinking_open(processor, ids),
+        )
+        logits_processors += [constraint] if constraint is not None else []
     progress = _progress_bar(len(ids), prefill_step_size, verbose)
     request = Request(
         prompt=ids,
@@ -200,7 +214,7 @@ def stream_generate(
         sampling=sampling,
         input_embeddings=embeddings,
         position_ids=positions,
-        logits_processors=list(logits_processors),
+        logits_processors=logits_processors,
         stop_token_ids=processor.eos_token_ids,
         prefill_step_size=prefill_step_size,
         on_prefill=None

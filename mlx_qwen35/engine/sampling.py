@@ -84,6 +84,8 @@ class RowSampler:
         if p.presence_penalty or p.frequency_penalty:
             self.counts = mx.zeros((1, vocab), mx.float32)
         self.error: BaseException | None = None  # raised by a logits processor: the row fails
+        # Made by the engine when it admits the request (rows.py), on its own stream: arrays made
+        # lazily on a submitting thread's stream could not be computed by the engine's thread.
 
     @property
     def greedy(self) -> bool:

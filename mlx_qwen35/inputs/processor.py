@@ -136,7 +136,21 @@ class Processor:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise UserError("text must be a string or a non-empty list of strings")
-        media: dict[str, Any] = {}
+        texts, media = self.expand_media(texts, images, videos)
+        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        input_ids, attention_mask = self._left_pad(rows)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **media}
+
+    def expand_media(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Any] | None = None,
+        videos: Sequence[Any] | None = None,
+    ) -> tuple[list[str], dict[str, mx.array]]:
+        """(texts with each placeholder expanded to its vision tokens, the media arrays); a
+        placeholder without media, or media without placeholders, is a UserError."""
+        texts = list(texts)
+        media: dict[str, mx.array] = {}
         tokens = self.media_tokens
         for kind, items in (("image", images), ("video", videos)):
             if isinstance(items, (list, tuple)) and not items:
@@ -152,9 +166,7 @@ class Processor:
                     f"the prompt has {count} {placeholder} placeholder(s) but no {kind}s were "
                     f"given; pass {kind}s=[...] or remove the placeholders"
                 )
-        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
-        input_ids, attention_mask = self._left_pad(rows)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **media}
+        return texts, media
 
     @property
     def media_tokens(self) -> dict[str, str]:

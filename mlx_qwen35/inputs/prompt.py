@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from ..errors import UserError
 from .messages import build_messages
+from .render import render_chat
 
 
 def _check_text_prompt(prompt: str) -> None:
@@ -45,10 +46,8 @@ def prompt_tokens(
             raise UserError("the messages already start with a system message; drop `system`")
         prompt = [{"role": "system", "content": system}, *prompt]
     if _is_messages(prompt):
-        text = processor.apply_chat_template(
-            prompt, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools
-        )
-        return processor.encode(text)
+        # Message contents are text: only the template's markup becomes control tokens.
+        return render_chat(processor, prompt, tools=tools, enable_thinking=enable_thinking).ids
     ids = list(prompt)
     if not ids:
         raise UserError("the prompt is empty; pass some text, messages or token ids")
@@ -75,7 +74,8 @@ def media_messages(
     videos: Sequence[Any] = (),
     system: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
-    """Chat messages with one content part per image and video, and the media in prompt order.
+    """Chat messages with one content part per image and video (each part carrying its item),
+    and the media in prompt order.
 
     A text prompt becomes one user turn: the images, then the videos, then the text. In a message
     list, each `{"type": "image"}` / `{"type": "video"}` part takes its item from the part's
@@ -85,7 +85,8 @@ def media_messages(
     images, videos = list(images or ()), list(videos or ())
     if isinstance(prompt, str):
         _check_text_prompt(prompt)
-        parts = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+        parts = [{"type": "image", "image": i} for i in images]
+        parts += [{"type": "video", "video": v} for v in videos]
         messages = build_messages(prompt, system)
         messages[-1]["content"] = [*parts, {"type": "text", "text": prompt}]
         return messages, images, videos
@@ -104,7 +105,8 @@ def media_messages(
         content = message.get("content")
         if isinstance(content, str) or not isinstance(content, Sequence):
             continue
-        for part in content:
+        parts = message["content"] = [dict(p) if isinstance(p, Mapping) else p for p in content]
+        for part in parts:
             kind = _media_kind(part)
             if kind is None:
                 continue
@@ -116,6 +118,7 @@ def media_messages(
                     f"the messages have more {kind} parts than {kind}s given; pass one {kind} per "
                     f"{kind} part (in {kind}s=[...] or the part's {kind!r} key)"
                 )
+            part[kind] = item  # each part carries its item (a copy: the caller's stay as given)
             found[kind].append(item)
     for kind, rest in given.items():
         extra = len(list(rest))
@@ -183,11 +186,9 @@ def prepare_prompt(
         return ids, None, None
     if isinstance(prompt, mx.array):
         prompt = prompt.reshape(-1).tolist()
-    messages, image_items, video_items = media_messages(prompt, images, videos, system)
-    text = processor.apply_chat_template(
-        messages, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools
+    messages, _, _ = media_messages(prompt, images, videos, system)
+    rendered = render_chat(processor, messages, tools=tools, enable_thinking=enable_thinking)
+    embeddings, positions = model.prepare_inputs(
+        mx.array([rendered.ids]), **rendered.media_arrays()
     )
-    inputs = processor(text=text, images=image_items or None, videos=video_items or None)
-    media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    embeddings, positions = model.prepare_inputs(inputs["input_ids"], **media)
-    return inputs["input_ids"][0].tolist(), embeddings, positions
+    return rendered.ids, embeddings, positions

@@ -14,11 +14,19 @@ every layer at its real size; only its answer is fixed:
 `margin` is the logit gap wanted between the scripted token and the rest (~100 makes greedy output
 exact under any batching, backend or dtype). Pair tests on scripted models with parity tests, which
 see what every layer computes.
+
+`scripted_checkpoint` does it all for a checkpoint directory: the script's pieces become tokenizer
+tokens (`add_tokens`; e.g. "<parameter=city>\n" or a whole sentence), so that each step of the
+script is one token, their padded embedding rows get directions (`give_embeddings`), and the
+chain is written into the head.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -94,3 +102,83 @@ def _zero_linear(module: Any) -> None:
     module.weight = mx.zeros_like(module.weight)
     if "bias" in module:
         module.bias = mx.zeros_like(module.bias)
+
+
+def add_tokens(checkpoint: str | Path, pieces: list[str]) -> None:
+    """Append each piece that is not one token yet to the tokenizer of the checkpoint directory
+    (in place; a copy, never a cache) as a plain added token, so a script writes it in one step.
+    The ids follow the last used id and must fit the model's (padded) vocabulary."""
+    from tokenizers import Tokenizer
+
+    path = Path(checkpoint) / "tokenizer.json"
+    text = path.read_text()
+    spec = json.loads(text)
+    tokenizer = Tokenizer.from_str(text)
+    have = {p for p in pieces if len(tokenizer.encode(p, add_special_tokens=False).ids) == 1}
+    next_id = 1 + max(
+        [t["id"] for t in spec["added_tokens"]] + list(spec["model"]["vocab"].values())
+    )
+    for piece in pieces:
+        if piece in have:
+            continue
+        spec["added_tokens"].append(
+            {
+                "id": next_id,
+                "content": piece,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": False,
+            }
+        )
+        have.add(piece)
+        next_id += 1
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(spec, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def give_embeddings(model: Any, ids: list[int], *, seed: int = 0) -> None:
+    """Random embedding rows (at the scale of the others) for `ids`: padded rows of the
+    vocabulary are zero, and a zero embedding has no direction for the successor table."""
+    embed = model.language_model.model.embed_tokens
+    weight = np.array(_dense(embed), dtype=np.float32)
+    scale = float(np.std(weight[np.abs(weight).sum(axis=1) > 0]))
+    rng = np.random.default_rng(seed)
+    for i in ids:
+        if not np.abs(weight[i]).sum():
+            weight[i] = rng.normal(0.0, scale, weight.shape[1])
+    embed.weight = mx.array(weight).astype(embed.weight.dtype)
+
+
+def scripted_checkpoint(
+    base: str | Path, dest: str | Path, script: list[str], *, margin: float = 100.0
+) -> tuple[Any, Any, list[int]]:
+    """(model, processor, script ids): a copy of the checkpoint `base` at `dest` whose tokenizer
+    has every piece of `script` as one token, loaded, and scripted so that greedy decoding after
+    script[0] writes script[1:] in order (script[0] is usually the generation prompt's last
+    token, e.g. "\\n" after "<think>"). Pieces must be distinct tokens."""
+    from .loading import load
+
+    base, dest = Path(base), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():
+        target = dest / item.name
+        if item.name == "tokenizer.json":
+            shutil.copyfile(item, target)
+        elif not target.exists():
+            target.symlink_to(item.resolve())
+    add_tokens(dest, script)
+    model, processor = load(str(dest))
+    ids = []
+    for piece in script:
+        encoded = processor.encode(piece)
+        if len(encoded) != 1:
+            raise UserError(f"script piece {piece!r} is {len(encoded)} tokens, not one")
+        ids.append(encoded[0])
+    if max(ids) >= model.language_model.args.vocab_size:
+        raise UserError("the script's new tokens do not fit the model's vocabulary")
+    give_embeddings(model, ids)
+    script_model(model, chain(ids), margin=margin)
+    return model, processor, ids
