@@ -300,3 +300,36 @@ def test_quantized_random_weights_run_in_both_models():
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
     result = invoke("--model", "tiny-random", "--q-bits", "4")
     assert result.exit_code != 0 and "--q-bits quantizes --config" in result.output
+
+
+def test_concurrency_levels_against_mlx_lms_batch_generator():
+    result = invoke(
+        "--config", "tiny", "-p", "10", "-g", "6", "--concurrency", "1,3", "--vs", "mlx-lm"
+    )
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines()]
+    runs = [r for r in rows if r[:1] == ["1"] and len(r) == 5]
+    medians = [r for r in rows if r[:1] == ["median"]]
+    expected = [("1", "mlx-qwen35"), ("1", "mlx-lm"), ("3", "mlx-qwen35"), ("3", "mlx-lm")]
+    assert [(r[1], r[2]) for r in runs] == [(r[1], r[2]) for r in medians] == expected
+    for r in runs + medians:  # aggregate, per stream = aggregate / streams
+        assert float(r[3]) > 0 and abs(float(r[4]) - float(r[3]) / int(r[1])) < 0.01
+    assert [r[5] for r in medians[:2]] == ["1.00x", "1.00x"]
+    assert "3 streams: mlx-qwen35 / mlx-lm aggregate generation" in result.output
+
+
+@pytest.mark.parametrize("value", ["0,2", "two", ""])
+def test_bad_concurrency_levels(value):
+    result = invoke("--config", "tiny", "-p", "4", "-g", "2", "--concurrency", value)
+    assert result.exit_code != 0 and "stream counts like 1,2,4,8" in result.output
+
+
+def test_window_rate_counts_only_while_every_stream_decodes():
+    from mlx_qwen35.bench.concurrency import window_rate
+
+    # Stream a decodes alone from t=0; b joins at t=4; a ends at t=10.
+    a = [float(t) for t in range(11)]
+    b = [4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0]
+    # In (4, 10]: 6 tokens of a and 6 of b over 6 seconds.
+    assert window_rate([a, b]) == 2.0
+    assert window_rate([a]) == 1.0  # one stream: tokens after the first over the time after it

@@ -226,7 +226,9 @@ def test_threads_submitting_at_once_batch_together(scripted):
         barrier.wait()
         for k in range(2):
             prompt = [i + 1, 10 * k + i]
-            h = engine.submit(Request(prompt=prompt, max_tokens=12 + i))
+            # Seeds and penalties make state on the sampler's side (the margin keeps the script).
+            sampling = SamplingParams(temp=0.5, top_k=3, seed=i, presence_penalty=0.5 * k)
+            h = engine.submit(Request(prompt=prompt, max_tokens=12 + i, sampling=sampling))
             results[2 * i + k] = (prompt, [e.token for e in h])
             sizes.append(engine.num_running)
 
@@ -299,3 +301,30 @@ def test_batch_generate_matches_generate(tiny):
     assert out.stats.prompt_tokens > 0 and out.caches is None
     with pytest.raises(UserError, match="max_tokens has 2 values for 3 prompts"):
         batch_generate(model, processor, prompts, max_tokens=[1, 2])
+
+
+class Flaky:
+    """The model, failing its `fail_at`-th decode forward."""
+
+    def __init__(self, model, fail_at: int):
+        self.model, self.calls, self.fail_at = model, 0, fail_at
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise MemoryError("out of memory in the forward")
+        return self.model(*args, **kwargs)
+
+
+def test_a_failed_forward_ends_the_batch_and_the_engine_goes_on(scripted):
+    engine = Engine(Flaky(scripted, fail_at=3))
+    handles = [engine.submit(Request(prompt=[i + 1], max_tokens=8)) for i in range(2)]
+    for h in handles:
+        with pytest.raises(MemoryError, match="out of memory"):
+            list(h)
+        assert h.stats.finish_reason == "error"
+    assert not engine.has_work()
+    assert [e.token for e in engine.submit(Request(prompt=[5], max_tokens=4))] == script([5], 4)

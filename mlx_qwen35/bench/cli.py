@@ -6,96 +6,49 @@ the same weights also go into mlx-lm's own `qwen3_5` model in this process and t
 (ours, theirs, ours, theirs...), so that the ratios, not the absolute times, are the figures to
 quote on a shared machine.
 
-Both models are driven by the same loop (the one of mlx-lm's `generate_step`): the prompt in steps
-of `--prefill-step-size` evaluating only the cache states, then the logits of the last prompt
-position, then greedy decoding with the next step queued (`mx.async_eval`) before the current token
-is read. Prompt tok/s counts the prompt up to the first generated token; generation tok/s counts
-the tokens after the first over the time after it.
+Ours runs through the engine, as generate does (`concurrency.engine_run`); mlx-lm's through the
+loop of its `generate_step`: the prompt in steps of `--prefill-step-size` evaluating only the
+cache states, then the logits of the last prompt position, then greedy decoding with the next step
+queued (`mx.async_eval`) before the current token is read. Both pipeline the same way. Prompt
+tok/s counts the prompt up to the first generated token; generation tok/s counts the tokens after
+the first over the time after it. `--concurrency 1,2,4,8` measures N requests at once instead
+(see concurrency.py), against mlx-lm's BatchGenerator with `--vs mlx-lm`; `--context` measures
+long prompts, both models then on the generate_step loop (see context.py).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import click
 import mlx.core as mx
 
 from ..errors import UserError
 from ..model.cache import check_kv_settings
-from ..model.config import ModelConfig, TextConfig
+from ..model.config import ModelConfig
 from ..model.gated_delta import BACKENDS, ENV_VAR
 from .context import context_options, kv_hook, parse_contexts, run_contexts
-from .sizes import SIZES, cut_layers, random_hf_weights, size_config
-
-if TYPE_CHECKING:  # the model and loader are imported by the runs, so -h answers at once
-    from ..model.model import Model
+from .models import (  # noqa: F401 -- re-exported: tests and scripts build models through here
+    SIZES,
+    build_mlx_lm,
+    build_ours,
+    cut_layers,
+    load_source,
+    random_hf_weights,
+    size_config,
+)
 
 __all__ = ["SIZES", "cut_layers", "main", "random_hf_weights", "size_config"]
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 FAST_BLAS = ("openblas", "mkl", "blis")
-
-
-def build_ours(raw: dict[str, mx.array], config: ModelConfig, dtype: mx.Dtype | None) -> Model:
-    """Our model from original-layout (or any readable) tensors, as `loading.load_model` does."""
-    from ..weights import loading
-
-    return loading.model_from_weights(raw, replace(config, vision=None), dtype, "bench weights")
-
-
-def _check_mlx_lm_layout(text: TextConfig, config: dict[str, Any]) -> None:
-    """mlx-lm's qwen3_5 derives the layer kinds from full_attention_interval alone and needs a
-    full-attention layer at index interval - 1; refuse what it would run differently or crash on."""
-    interval = int((config.get("text_config") or config).get("full_attention_interval", 4))
-    derived = [
-        "full_attention" if (i + 1) % interval == 0 else "linear_attention"
-        for i in range(text.num_hidden_layers)
-    ]
-    if text.num_hidden_layers < interval:
-        raise UserError(
-            f"mlx-lm's qwen3_5 needs at least one full-attention layer: use --layers {interval} "
-            "or more with --vs mlx-lm"
-        )
-    if derived != text.layer_types:
-        raise UserError(
-            "mlx-lm's qwen3_5 derives layer kinds from full_attention_interval and would run this "
-            "checkpoint's layer_types differently; drop --vs mlx-lm"
-        )
-
-
-def build_mlx_lm(raw: dict[str, mx.array], config: dict[str, Any], dtype: mx.Dtype | None):
-    """mlx-lm's own qwen3_5 (or qwen3_5_moe) model on the same tensors, through mlx-lm's own
-    sanitize."""
-    from mlx_lm.models import qwen3_5, qwen3_5_moe
-
-    from ..weights import loading
-
-    config = copy.deepcopy(config)
-    config.pop("vision_config", None)
-    text = ModelConfig.from_dict(config).text
-    _check_mlx_lm_layout(text, config)
-    module = qwen3_5_moe if text.moe is not None else qwen3_5
-    model = module.Model(module.ModelArgs.from_dict(config))
-    weights = model.sanitize(dict(raw))
-    loading.quantize_like_checkpoint(model, weights, config)
-    if dtype is not None:
-        keep = model.cast_predicate
-        weights = {
-            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and keep(k) else v
-            for k, v in weights.items()
-        }
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
-    model.eval()
-    return model
 
 
 @dataclass
@@ -245,49 +198,6 @@ def _median(results: list[RunResult]) -> RunResult:
     )
 
 
-def load_source(
-    model_path: str | None,
-    size: str | None,
-    layers: int | None,
-    dtype: mx.Dtype | None,
-    seed: int,
-    q_bits: int | None = None,
-    vs: str | None = None,
-) -> tuple[dict[str, Any], dict[str, mx.array], str]:
-    """(config dict, original-layout tensors, description) for --model or --config; with
-    `q_bits` the random weights are quantized by that recipe (`4bit` / `8bit`) as drawn."""
-    if (model_path is None) == (size is None):
-        raise UserError("pass exactly one of --model (a checkpoint) or --config (random weights)")
-    if q_bits is not None and size is None:
-        raise UserError("--q-bits quantizes --config's random weights; a --model is used as stored")
-    if model_path is not None:
-        from ..weights import loading
-
-        model_dir = loading.resolve_model_path(model_path)
-        config = loading.load_config(model_dir).raw
-        raw = loading.read_weights(model_dir)
-        if layers is not None:
-            config = cut_layers(config, raw, layers)
-        return config, raw, f"model {model_path}"
-    config = size_config(size)
-    if layers is not None:
-        config = cut_layers(config, None, layers)
-    text = ModelConfig.from_dict(config).text
-    if vs == "mlx-lm":
-        _check_mlx_lm_layout(text, config)  # before minutes of drawing weights
-    from ..weights.quantize import quantization_block
-    from ..weights.recipes import load_recipe
-
-    recipe = load_recipe(f"{q_bits}bit") if q_bits is not None else None
-    quantized: dict[str, Any] = {}
-    raw = random_hf_weights(text, dtype or mx.float32, seed, recipe, quantized)
-    what = f"config {size} (random weights)"
-    if recipe is not None:
-        config["quantization"] = quantization_block(recipe, quantized)
-        what = f"config {size} (random weights, {recipe.name} recipe)"
-    return config, raw, what
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_path", help="Checkpoint: local dir, Hub repo id or tiny-random.")
 @click.option(
@@ -332,6 +242,12 @@ def load_source(
     is_flag=True,
     help="Make the models a bigram puppet whose drafts are always accepted (real dimensions).",
 )
+@click.option(
+    "--concurrency",
+    callback=lambda ctx, param, value: _levels(value),
+    help="Stream counts, e.g. 1,2,4,8: aggregate and per-stream generation tok/s with that many "
+    "requests at once (mlx-lm's BatchGenerator with --vs mlx-lm).",
+)
 @context_options
 def main(
     model_path,
@@ -354,6 +270,7 @@ def main(
     kv_bits,
     kv_group_size,
     quantized_kv_start,
+    concurrency,
 ) -> None:
     """Prompt tok/s, generation tok/s and peak memory (optionally against mlx-lm, or speculative
     decoding against plain decoding, or at long contexts with --context)."""
@@ -395,6 +312,7 @@ def main(
             seed,
             contexts,
             kv,
+            concurrency,
         )
     except UserError as e:
         click.echo(f"Error: {e}", err=True)
@@ -416,12 +334,16 @@ def _main(
     seed,
     contexts=None,
     kv=(None, 64, 5000),
+    concurrency=None,
 ) -> None:
     lengths = None if contexts is None else parse_contexts(contexts)
+    if concurrency and (lengths is not None or kv[0] is not None):
+        raise UserError("--concurrency measures unquantized batches: drop --context/--kv-bits")
     warning = slow_blas_warning()
     if warning:
         click.echo(warning, err=True)
     from ..weights import loading
+    from .concurrency import engine_run, run_levels
 
     dt = loading.parse_dtype(dtype)
     bits = int(q_bits) if q_bits is not None else None
@@ -447,20 +369,47 @@ def _main(
         f"prompt {contexts or prompt_tokens} tokens, generation {generation_tokens} tokens, "
         f"prefill step {prefill_step_size}"
     )
-    for e in entries:  # warm-up: first-call costs (allocations, lazy setup) stay out of the timing
-        _with_backend(e.backend, lambda e=e: timed_run(e.model, prompt[:8], 2, 8, stream))
+    if concurrency:
+        models = [("mlx-qwen35", ours)] + [
+            (e.label, e.model) for e in entries if e.label == "mlx-lm"
+        ]
+        run_levels(
+            models,
+            concurrency,
+            prompt_tokens,
+            generation_tokens,
+            prefill_step_size,
+            repeats,
+            text.vocab_size,
+            seed,
+        )
+        return
+
     hooks = {e.label: kv_hook(e.label, *kv) for e in entries}
 
-    def run(e: Entry, prompt: mx.array) -> RunResult:
-        return _with_backend(
-            e.backend,
-            lambda: timed_run(
-                e.model, prompt, generation_tokens, prefill_step_size, stream, hooks[e.label]
-            ),
-        )
+    def run(e: Entry, prompt: mx.array, n: int, step: int) -> RunResult:
+        # The context bench drives both models through the same loop and reads their caches
+        # after it (cache MB, peak over weights + caches); otherwise ours runs as generate does.
+        if e.label == "mlx-lm" or lengths is not None:
+            return _with_backend(
+                e.backend, lambda: timed_run(e.model, prompt, n, step, stream, hooks[e.label])
+            )
+        return _with_backend(e.backend, lambda: engine_run(e.model, prompt, n, step, kv))
+
+    for e in entries:  # warm-up: first-call costs (allocations, lazy setup) stay out of the timing
+        run(e, prompt[:8], 2, 8)
 
     if lengths is not None:
-        run_contexts(entries, lengths, generation_tokens, repeats, kv, text.vocab_size, seed, run)
+        run_contexts(
+            entries,
+            lengths,
+            generation_tokens,
+            repeats,
+            kv,
+            text.vocab_size,
+            seed,
+            lambda e, prompt: run(e, prompt, generation_tokens, prefill_step_size),
+        )
         return
 
     width = max(len(e.label) for e in entries) + 2
@@ -468,7 +417,7 @@ def _main(
     results: dict[str, list[RunResult]] = {e.label: [] for e in entries}
     for r in range(repeats):
         for e in entries:
-            res = run(e, prompt)
+            res = run(e, prompt, generation_tokens, prefill_step_size)
             results[e.label].append(res)
             _print_row(str(r + 1), e.label, res, width)
     medians = {label: _median(rs) for label, rs in results.items()}
@@ -529,6 +478,18 @@ def _speculative(
         repeats=repeats,
         seed=seed,
     )
+
+
+def _levels(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        levels = [int(v) for v in value.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise click.BadParameter(f"give stream counts like 1,2,4,8, not {value!r}")
+    return levels
 
 
 def _ratio(ours: float, theirs: float) -> str:

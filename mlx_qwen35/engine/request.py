@@ -117,7 +117,9 @@ class Request:
         embeddings and 3-D positions of the last T' <= T prompt tokens (T' < T only together with
         a `prefix` that covers the rest: the engine resumes from it).
     logits_processors: `(tokens [n] (prompt + generated so far), logits [1, V]) -> logits`; one
-        that must see each generated token once, in order, says so with `stateful = True`.
+        that must see each generated token once, in order, says so with `stateful = True`. They
+        run on whichever thread drives the engine: an array a processor keeps must be evaluated
+        (a lazy array made on another thread cannot be computed there).
     stop_token_ids: ids that end the reply (default: the processor's end-of-turn ids).
     boundaries: prompt positions where the prefix cache keeps a snapshot (message ends).
     media_spans: MediaSpan or (start, end) ranges of the prompt never resumed inside.
@@ -168,7 +170,8 @@ class TokenEvent:
     and penalties, before temperature and truncation), computed when first read, on the reader's
     thread. top_logprobs: [(token, logprob)] best first, when the request asked for them.
     from_draft: accepted from a speculative draft. finish_reason: None, "stop" (a stop id, which
-    is this token) or "length" (max_tokens reached with this token).
+    is this token) or "length" (max_tokens reached with this token). Made with either `logprobs`
+    or `logits` (an evaluated row [V] that the first read of `logprobs` normalises).
     """
 
     __slots__ = ("token", "_logprobs", "_logits", "top_logprobs", "from_draft", "finish_reason")
@@ -181,7 +184,7 @@ class TokenEvent:
         from_draft: bool = False,
         finish_reason: str | None = None,
         *,
-        logits: tuple[mx.array, int] | None = None,
+        logits: mx.array | None = None,
     ):
         self.token = token
         self._logprobs = logprobs
@@ -193,11 +196,9 @@ class TokenEvent:
     @property
     def logprobs(self) -> mx.array:
         if self._logprobs is None:
-            # The engine hands out its evaluated logits [B, V] and this event's row; normalising
-            # that row here, lazily and on the reader's stream, costs the engine nothing when
-            # nobody reads it.
-            logits, i = self._logits
-            row = logits[i]
+            # The engine hands out the evaluated logits row [V]; normalising it here, lazily and
+            # on the reader's stream, costs the engine nothing when nobody reads it.
+            row = self._logits
             self._logprobs = row - mx.logsumexp(row, axis=-1, keepdims=True)
             self._logits = None
         return self._logprobs

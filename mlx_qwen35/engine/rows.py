@@ -143,7 +143,8 @@ class Row:
         self.stop = (
             frozenset(request.stop_token_ids) if request.stop_token_ids is not None else (stop_ids)
         )
-        self.sampler = RowSampler(request, model.args.vocab_size)
+        self.vocab = model.args.vocab_size
+        self.sampler: RowSampler | None = None  # made on the engine's stream, at admission
         self.kv = kv_settings(request)
         self.emb, self.pos, self.emb_start = prepared_media(request, model.args.hidden_size)
         self.media_ids = frozenset(media_ids)
@@ -152,7 +153,6 @@ class Row:
         self.done = 0  # prompt tokens in the cache
         self.generated: list[int] = []
         self.fed = 0  # tokens (prompt and generated) the cache holds
-        self.submitted = time.perf_counter()
         self.first_token_time = 0.0
         self.prefill_start = 0.0
         self.spec = None  # speculative decoding (speculative.py)
@@ -173,7 +173,9 @@ class Row:
     # ---------------------------------------------------------------- admission and prefill
 
     def admit(self, model: Any, prefix_cache: PrefixCache) -> None:
-        """Pick the resume point and make the row's cache."""
+        """Pick the resume point and make the row's cache and sampler. (Run by the engine: arrays
+        made lazily on the submitting thread's stream could not be evaluated on another.)"""
+        self.sampler = RowSampler(self.request, self.vocab)
         entry = self.request.prefix
         if entry is None:
             entry = prefix_cache.lookup(self.prompt, self.media, self.kv)

@@ -84,9 +84,8 @@ class RowSampler:
         if p.presence_penalty or p.frequency_penalty:
             self.counts = mx.zeros((1, vocab), mx.float32)
         self.error: BaseException | None = None  # raised by a logits processor: the row fails
-        # Made on the submitting thread: evaluate them here, since the engine's thread cannot
-        # run work queued on another thread's stream.
-        mx.eval([a for a in (self.key, prompt, self.window, self.counts) if a is not None])
+        # Made by the engine when it admits the request (rows.py), on its own stream: arrays made
+        # lazily on a submitting thread's stream could not be computed by the engine's thread.
 
     @property
     def greedy(self) -> bool:
@@ -186,7 +185,8 @@ def sample_batch(
     logits [B, V] the tokens were drawn from, and for rows that asked, the top log-probabilities
     (ids [B, k], values [B, k]) with k the largest request).
     """
-    logits = logits.astype(mx.float32)
+    if logits.dtype != mx.float32:
+        logits = logits.astype(mx.float32)
     if fed is not None:
         for i, row in enumerate(rows):
             row.feed(fed[i : i + 1])

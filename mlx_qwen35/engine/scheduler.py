@@ -37,6 +37,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import UserError
+from ..model.cache import owned_copy
 from .batch_cache import Batch
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .request import Request, RequestHandle, TokenEvent
@@ -92,8 +93,9 @@ class Engine:
         self._prefilling: Row | None = None
         self._running: list[Row] = []
         self._cache: Batch | None = None  # the running rows' caches, one batch per KV format
-        self._pending: tuple[mx.array, mx.array, Any] | None = None  # tokens not yet handed out
+        self._pending: Pending | None = None  # sampled tokens not yet handed out
         self._steps = 0
+        self._wired: int | None = None  # the wired-memory limit to restore when idle (Metal)
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -185,18 +187,40 @@ class Engine:
     # ------------------------------------------------------------------ one step
 
     def _step(self) -> None:
-        with mx.stream(self._stream):
-            self._drop_cancelled()
-            if self._running:
-                self._decode()
-            if self._prefilling is None and len(self._running) < self.max_batch_size:
-                with self._cv:
-                    self._prefilling = self._waiting.popleft() if self._waiting else None
-            if self._prefilling is not None:
-                self._prefill(self._prefilling)
-            if not self.has_work():
-                self._cache = self._pending = None
-                mx.clear_cache()
+        self._wire(True)
+        try:
+            with mx.stream(self._stream):
+                self._drop_cancelled()
+                if self._running:
+                    self._decode()
+                if self._prefilling is None and len(self._running) < self.max_batch_size:
+                    with self._cv:
+                        self._prefilling = self._waiting.popleft() if self._waiting else None
+                if self._prefilling is not None:
+                    self._prefill(self._prefilling)
+        except Exception as e:  # whatever broke, the requests in flight end with it, not the engine
+            for row in [*self._running, self._prefilling]:
+                if row is not None:
+                    self._finish(row, "error", e)
+            self._running, self._prefilling = [], None
+            self._cache = self._pending = None
+        if not self.has_work():
+            self._cache = self._pending = None
+            mx.clear_cache()
+            self._wire(False)
+
+    def _wire(self, busy: bool) -> None:
+        """On an Apple GPU, keep the model's memory wired while requests run (as mlx-lm's
+        generate does), and give the old limit back when the engine goes idle."""
+        if (self._wired is not None) == busy or mx.default_device() != mx.gpu:
+            return
+        if busy:
+            limit = mx.device_info()["max_recommended_working_set_size"]
+            self._wired = mx.set_wired_limit(limit)
+        else:
+            mx.synchronize(self._stream)
+            mx.set_wired_limit(self._wired)
+            self._wired = None
 
     def _drop_cancelled(self) -> None:
         with self._cv:
@@ -227,17 +251,19 @@ class Engine:
             row.cache = None
             self._finish(row, "error", e)
             return
-        mx.async_eval(pending[0], pending[1], _arrays(pending[2]))
+        pending = Pending.of(*pending)
+        pending.schedule()
         self._cache = self._cache or Batch()
         self._cache.add(row.cache, row.kv_format())
         row.cache = None
-        self._pending = pending if self._pending is None else _cat_pending(self._pending, pending)
+        self._pending = pending if self._pending is None else self._pending.join(pending)
         self._running.append(row)
         self._prefilling = None
 
     def _decode(self) -> None:
         rows = self._running
-        tokens, logits, top = self._pending
+        pending = self._pending
+        tokens = pending.tokens
         if len(rows) == 1 and rows[0].spec is not None:  # speculation: see speculative.py
             k = rows[0].spec.budget(len(rows[0].generated), rows[0].max_tokens)
             k = rows[0].kv.draft_budget(rows[0].fed, k)  # a round never crosses the KV threshold
@@ -248,15 +274,14 @@ class Engine:
         try:
             if any(len(r.generated) + 1 < r.max_tokens for r in rows):
                 out = self._forward(rows, tokens)
-                following = sample_batch(out, [r.sampler for r in rows], tokens)
-                mx.async_eval(
-                    following[0], following[1], _arrays(following[2]), self._cache.arrays()
-                )
+                sampled = sample_batch(out, [r.sampler for r in rows], tokens)
+                following = Pending.of(*sampled)
+                following.schedule(self._cache.arrays())
                 for i, r in enumerate(rows):
                     r.fed += 1
                     self._convert_if_due(i, r)
             ids = tokens.tolist()
-            top_lists = (top[0].tolist(), top[1].tolist()) if top is not None else None
+            top = pending.top_lists()
         except Exception as e:  # a failed forward fails every row of the batch
             for r in rows:
                 self._finish(r, "error", e)
@@ -266,7 +291,7 @@ class Engine:
         finished: list[int] = []
         with self._cv:
             for i, r in enumerate(rows):
-                reason = self._emit(r, i, ids[i], logits, top_lists, now)
+                reason = self._emit(r, i, ids[i], pending.logits[i], top, now)
                 if reason is not None or r.sampler.error is not None:
                     finished.append(i)
         self._steps += 1
@@ -298,7 +323,8 @@ class Engine:
     def _decode_speculative(self, r: Row, k: int) -> None:
         """One speculative round of the only running row: it hands out the pending token and
         the accepted drafts, and leaves the round's next token pending."""
-        tokens, logits, top = self._pending
+        pending = self._pending
+        tokens = pending.tokens
         ((_, cache, _),) = self._cache.groups  # one row
         try:
             rnd = speculative_round(self.model, cache, r.spec, r.sampler, tokens, k, r.stop)
@@ -306,10 +332,10 @@ class Engine:
             following = None
             if rnd.next_token is not None:
                 nxt = rnd.logits[-1:]
-                following = (rnd.next_token, nxt, _top_logprobs(nxt, [r.sampler]))
-                mx.async_eval(following[0], following[1], _arrays(following[2]))
+                following = Pending.of(rnd.next_token, nxt, _top_logprobs(nxt, [r.sampler]))
+                following.schedule()
             ids = tokens.tolist()
-            top_lists = (top[0].tolist(), top[1].tolist()) if top is not None else None
+            top = pending.top_lists()
             draft_top = (drafts_top[0].tolist(), drafts_top[1].tolist()) if drafts_top else None
         except Exception as e:  # the row fails, the engine goes on
             self._finish(r, "error", e)
@@ -321,11 +347,11 @@ class Engine:
         r.stats.accepted_tokens += rnd.accepted
         now = time.perf_counter()
         with self._cv:
-            reason = self._emit(r, 0, ids[0], logits, top_lists, now)
+            reason = self._emit(r, 0, ids[0], pending.logits[0], top, now)
             for j, token in enumerate(rnd.tokens):
                 if reason is not None:
                     break
-                reason = self._emit(r, j, token, rnd.logits, draft_top, now, from_draft=True)
+                reason = self._emit(r, j, token, rnd.logits[j], draft_top, now, from_draft=True)
         self._steps += 1
         self._pending = following
         if reason is not None or r.sampler.error is not None:
@@ -370,7 +396,7 @@ class Engine:
             top_logprobs = list(zip(top[0][i][:k], top[1][i][:k], strict=True))
         handle = r.handle
         if handle is not None:
-            event = TokenEvent(token, None, top_logprobs, from_draft, reason, logits=(logits, i))
+            event = TokenEvent(token, None, top_logprobs, from_draft, reason, logits=logits)
             handle._push(event)
             if reason is not None:
                 handle._finish(reason)
@@ -384,10 +410,7 @@ class Engine:
             return
         self._cache.filter(keep)
         if self._pending is not None:
-            sel = mx.array(keep)
-            tokens, logits, top = self._pending
-            top = None if top is None else (top[0][sel], top[1][sel])
-            self._pending = (tokens[sel], logits[sel], top)
+            self._pending = self._pending.select(keep)
 
     def _finish(self, row: Row, reason: str, error: BaseException | None = None) -> None:
         handle = row.handle
@@ -397,27 +420,49 @@ class Engine:
                 self._cv.notify_all()
 
 
-def _arrays(top: Any) -> list[mx.array]:
-    return [] if top is None else list(top)
+class Pending:
+    """Tokens sampled for the running rows but not yet handed out: tokens [B]; logits: each row's
+    adjusted logits [V] (its own buffer when B > 1, so that an event kept by a consumer holds one
+    row, not the batch's); top: the top log-probabilities (ids [B, k], values [B, k]) or None."""
 
+    def __init__(self, tokens: mx.array, logits: list[mx.array], top: Any):
+        self.tokens, self.logits, self.top = tokens, logits, top
 
-def _cat_pending(a: tuple, b: tuple) -> tuple:
-    tokens = mx.concatenate([a[0], b[0]])
-    logits = mx.concatenate([a[1], b[1]])
-    if a[2] is None and b[2] is None:
-        return tokens, logits, None
-    n = (a[0].size, b[0].size)
-    k = max(t[0].shape[1] for t in (a[2], b[2]) if t is not None)
-    ids, vals = [], []
-    for top, rows in zip((a[2], b[2]), n, strict=True):
-        if top is None:
-            ids.append(mx.zeros((rows, k), mx.uint32))
-            vals.append(mx.full((rows, k), -float("inf")))
-        else:
-            pad = k - top[0].shape[1]
-            ids.append(mx.pad(top[0].astype(mx.uint32), [(0, 0), (0, pad)]))
-            vals.append(mx.pad(top[1], [(0, 0), (0, pad)], constant_values=-float("inf")))
-    return tokens, logits, (mx.concatenate(ids), mx.concatenate(vals))
+    @classmethod
+    def of(cls, tokens: mx.array, logits: mx.array, top: Any) -> Pending:
+        B = logits.shape[0]
+        rows = [logits[0]] if B == 1 else [owned_copy(logits[i]) for i in range(B)]
+        return cls(tokens, rows, top)
+
+    def schedule(self, extra: list[mx.array] = ()) -> None:
+        """Queue the computation (the step after this one is built before these are read)."""
+        mx.async_eval(self.tokens, self.logits, list(self.top or ()), list(extra))
+
+    def top_lists(self) -> tuple[list, list] | None:
+        return None if self.top is None else (self.top[0].tolist(), self.top[1].tolist())
+
+    def select(self, keep: list[int]) -> Pending:
+        sel = mx.array(keep)
+        top = None if self.top is None else (self.top[0][sel], self.top[1][sel])
+        return Pending(self.tokens[sel], [self.logits[i] for i in keep], top)
+
+    def join(self, other: Pending) -> Pending:
+        tokens = mx.concatenate([self.tokens, other.tokens])
+        top = None
+        if self.top is not None or other.top is not None:
+            k = max(p.top[0].shape[1] for p in (self, other) if p.top is not None)
+            (a_ids, a_vals), (b_ids, b_vals) = (p._top_padded(k) for p in (self, other))
+            top = (mx.concatenate([a_ids, b_ids]), mx.concatenate([a_vals, b_vals]))
+        return Pending(tokens, self.logits + other.logits, top)
+
+    def _top_padded(self, k: int) -> tuple[mx.array, mx.array]:
+        rows = self.tokens.size
+        if self.top is None:
+            return mx.zeros((rows, k), mx.uint32), mx.full((rows, k), -float("inf"))
+        pad = k - self.top[0].shape[1]
+        ids = mx.pad(self.top[0].astype(mx.uint32), [(0, 0), (0, pad)])
+        vals = mx.pad(self.top[1], [(0, 0), (0, pad)], constant_values=-float("inf"))
+        return ids, vals
 
 
 _engines_lock = threading.Lock()

@@ -21,25 +21,15 @@ can resume from a state another one left (the same tokens and images give the sa
 from __future__ import annotations
 
 import copy
-import inspect
 import os
-import sys
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
 
 from ..errors import UserError
-from ..inputs.messages import THINK_END, THINK_START, split_thinking
-from ..inputs.tools import (
-    ParsedCalls,
-    ToolCallWarning,
-    ToolResult,
-    normalize_tools,
-    parse_tool_calls,
-)
+from ..inputs.messages import THINK_END
+from ..inputs.tools import ToolResult, normalize_tools
 from ..model.cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_QUANTIZED_KV_START
 from .draft_vocab import check_draft_vocab
 from .generate import check_enable_thinking
@@ -50,6 +40,7 @@ from .sampling import check_sampling
 from .scheduler import engine_for
 from .session_file import load_session, save_session
 from .session_render import Conversation, Rendered, media_arrays
+from .session_reply import Reply, TurnResult, empty_result, record_reply
 from .speculative import check_num_draft_tokens, resolve_draft_model
 from .text_stream import Piece, TextStream, thinking_budget_processor
 
@@ -73,77 +64,6 @@ RECOMMENDED_SAMPLING = {
     False: dict(temp=0.7, top_p=0.8, top_k=20, min_p=0.0, presence_penalty=1.5),
 }
 SAMPLING_KEYS = ("temp", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty")
-
-
-@dataclass
-class TurnResult:
-    """A finished reply.
-
-    text: the answer, with thinking and well-formed tool calls cut out. reasoning: the thinking
-    text. tool_calls: typed calls (see tools.py). warnings: one line per malformed call.
-    raw: everything generated, decoded. tokens: the generated ids (an end-of-turn id included).
-    finish_reason: "stop", "length" or "interrupted".
-    prompt_tokens: length of the rendered conversation; reused_tokens: how much of it came from
-    the cache; prefilled_tokens: how much was prefilled this turn (prompt - reused).
-    thinking_tokens: tokens inside the thinking block (a budget caps them).
-    draft_tokens / accepted_tokens: speculative decoding, drafts proposed and kept.
-    """
-
-    text: str
-    reasoning: str
-    tool_calls: list[Any]
-    warnings: list[str]
-    raw: str
-    tokens: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    reused_tokens: int
-    prefilled_tokens: int
-    thinking_tokens: int
-    prompt_tps: float
-    generation_tps: float
-    peak_memory: float
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-
-    @property
-    def generation_tokens(self) -> int:
-        return len(self.tokens)
-
-
-class Reply:
-    """What `ChatSession.send` returns: iterate it for `Piece`s as they are generated; `result`
-    (which finishes the generation if the pieces were not all read) gives the `TurnResult`.
-    `close()` stops generating early; the partial reply is kept, as "interrupted" (a reply
-    closed before its first token leaves no trace in the history)."""
-
-    def __init__(self, run: Callable[[Reply], Iterator[Piece]], cancel: Callable[[], TurnResult]):
-        self._result: TurnResult | None = None
-        self._run = run(self)
-        self._cancel = cancel
-
-    def __iter__(self) -> Reply:
-        return self
-
-    def __next__(self) -> Piece:
-        return next(self._run)
-
-    @property
-    def result(self) -> TurnResult:
-        for _ in self:
-            pass
-        assert self._result is not None
-        return self._result
-
-    @property
-    def done(self) -> bool:
-        return self._result is not None
-
-    def close(self) -> None:
-        started = inspect.getgeneratorstate(self._run) != inspect.GEN_CREATED
-        self._run.close()
-        if not started and self._result is None:
-            self._result = self._cancel()
 
 
 def snapshot_nbytes(text_config: Any, activation_dtype: mx.Dtype = mx.bfloat16) -> int:
@@ -341,7 +261,7 @@ class ChatSession:
     def _cancel(self, rendered: Rendered, before: int) -> TurnResult:
         """A turn closed before it started: forget its messages."""
         self._conversation.truncate(before)
-        return _empty_result(rendered, "interrupted")
+        return empty_result(rendered, "interrupted")
 
     def _finish_pending(self) -> None:
         if getattr(self, "_pending", None) is not None and not self._pending.done:
@@ -468,49 +388,17 @@ class ChatSession:
         finish: str,
         thinking_tokens: int,
     ) -> TurnResult:
-        """Turn the generated tokens into an answer, reasoning and tool calls, and add the
-        assistant message to the history."""
         if stats is None:
-            return _empty_result(rendered, finish)
-        eos = self.processor.eos_token_ids
-        body = [t for t in generated if t not in eos]
-        raw = self.processor.decode(body)
-        if rendered.thinking_open:
-            reasoning, answer = split_thinking(THINK_START + raw)
-        else:
-            reasoning, answer = split_thinking(raw)
-        messages = self._conversation.messages
-        parsed = (
-            parse_tool_calls(answer, self.tools, id_prefix=f"call_{len(messages)}")
-            if "<tool_call>" in answer
-            else ParsedCalls(text=answer)
-        )
-        for line in parsed.warnings:
-            _warn_at_caller(line, ToolCallWarning)
-        message: dict[str, Any] = {"role": "assistant", "content": parsed.text}
-        if rendered.thinking_open or reasoning:
-            message["reasoning_content"] = reasoning
-        if parsed.calls:
-            message["tool_calls"] = [c.to_message() for c in parsed.calls]
-        if generated:
-            messages.append(message)
-        return TurnResult(
-            text=parsed.text,
-            reasoning=reasoning,
-            tool_calls=parsed.calls,
-            warnings=parsed.warnings,
-            raw=raw,
-            tokens=generated,
-            finish_reason=finish,
-            prompt_tokens=len(rendered.ids),
-            reused_tokens=stats.cached_tokens,
-            prefilled_tokens=stats.prefilled_tokens,
-            thinking_tokens=thinking_tokens,
-            prompt_tps=stats.prompt_tps,
-            generation_tps=stats.generation_tps,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            draft_tokens=stats.draft_tokens,
-            accepted_tokens=stats.accepted_tokens,
+            return empty_result(rendered, finish)
+        return record_reply(
+            self.processor,
+            self.tools,
+            self._conversation.messages,
+            rendered,
+            stats,
+            generated,
+            finish,
+            thinking_tokens,
         )
 
     # ------------------------------------------------------------------ saving
@@ -569,34 +457,6 @@ def _newest_with_anchor(
     if at_anchor and not any(e is at_anchor[-1] for e in chosen):
         chosen = [*snaps[len(snaps) - limit + 1 :], at_anchor[-1]] if limit > 1 else [at_anchor[-1]]
     return chosen
-
-
-def _empty_result(rendered: Rendered, finish: str) -> TurnResult:
-    return TurnResult(
-        text="",
-        reasoning="",
-        tool_calls=[],
-        warnings=[],
-        raw="",
-        tokens=[],
-        finish_reason=finish,
-        prompt_tokens=len(rendered.ids),
-        reused_tokens=0,
-        prefilled_tokens=0,
-        thinking_tokens=0,
-        prompt_tps=0.0,
-        generation_tps=0.0,
-        peak_memory=mx.get_peak_memory() / 1e9,
-    )
-
-
-def _warn_at_caller(message: str, category: type[Warning]) -> None:
-    """Warn at the first frame outside this package: the caller's loop over a reply, or its
-    `ask()` line, however deep the library's own frames are."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("mlx_qwen35."):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
 
 
 def _check_budget(value: Any) -> int | None:

@@ -1,12 +1,14 @@
 """Fast paths for MLX's CPU backend (Linux development machines and CI; never used on Metal).
 
-Two things are slow there, both measured on this project's 2-core x86 machine with OpenBLAS:
-- a matmul with one row (decode) or a few (batched decode, speculative verification of up to 8
-  tokens): MLX calls cblas_sgemm, which packs the whole weight matrix before multiplying and
-  streams it at 3-10 GB/s. The same product cut into [m, K] x [K, b] calls of b weight rows
-  (m * b * K within the small-matrix limit) runs OpenBLAS's unpacked small-matrix kernel at
-  15-19 GB/s, and twice that for a large matrix split over two CPU streams (two cores). At 4
-  rows the packed GEMM measured ~3x slower than the small calls;
+Two things are slow there, both measured on this project's 2-core x86 machines with OpenBLAS:
+- a matmul with a few rows (decode, one row per running request): MLX calls cblas_sgemm, which
+  packs the whole weight matrix before multiplying and streams it at 3-10 GB/s. The same product
+  cut into [m, K] x [K, b] calls of b weight rows can run OpenBLAS's unpacked small-matrix kernel
+  (where the CPU has one: AVX-512 builds) at 15-19 GB/s, and twice that for a large matrix split
+  over two CPU streams (two cores); 8 rows then cost ~1.5x one row instead of ~3x. Whether the
+  small calls win depends on the CPU and the BLAS (on AMD Zen 3, without that kernel, they lose),
+  and whether a mid-sized product of several rows gains from the second core on how busy it is,
+  so the first product of each shape is timed each way and the fastest kept (`linear`);
 - exp (and so sigmoid, SiLU, softmax): a scalar libm call per element on one core, ~12 ns per
   element. Built from +, *, a rounding and a bit shift, and compiled, it is one vectorised pass
   at ~2.5 ns per element, accurate to ~3e-7 relative.
@@ -18,15 +20,24 @@ is the CPU (`on_cpu()`).
 from __future__ import annotations
 
 import math
+import threading
+from time import perf_counter
 
 import mlx.core as mx
 
-# rows per call * K * input rows: the largest product that stays on OpenBLAS's small-matrix kernel.
-_GEMV_CALL_ELEMENTS = 1 << 18
-# Inputs with up to this many rows take the small-call path.
-_SMALL_ROWS = 8
-# Matrices from this many elements (64 MB in fp32) up are split over two CPU streams.
+# rows * b * K per call: the largest product that stays on OpenBLAS's small-matrix kernel (its
+# limit is M*N*K <= 100^3; one row measured best at 2^18, several rows at 2^19).
+_SMALL_CALL_ELEMENTS = (1 << 18, 1 << 19)
+# Products of up to this many rows (decode batches) may take the small calls.
+MAX_SMALL_CALL_ROWS = 8
+# Matrices from this many elements (64 MB in fp32) up are split over two CPU streams; from the
+# smaller bound up, products of several rows are timed split too (the second core does half the
+# arithmetic where one core's small calls run out of it).
 _GEMV_SPLIT_ELEMENTS = 1 << 24
+_TIMED_SPLIT_ELEMENTS = 1 << 20
+# The first product of a shape is timed on at most this many weight elements, best of 3.
+_CALIBRATION_ELEMENTS = 1 << 22
+_CALIBRATION_REPEATS = 3
 _LOG2E = 1.4426950408889634
 # Taylor coefficients of 2^f = e^(f ln 2); on |f| <= 1/2 the degree-6 remainder is ~1e-7.
 _EXP2 = tuple(math.log(2) ** i / math.factorial(i) for i in range(7))
@@ -35,47 +46,94 @@ _EXP2 = tuple(math.log(2) ** i / math.factorial(i) for i in range(7))
 # made them, and generation may run on any thread.
 _second_stream = mx.new_thread_local_stream(mx.cpu)
 
+# The ways to run a product of a few rows.
+PLAIN, SMALL, SPLIT = "plain", "small", "split"
+# (rows, K, b, whether split is a candidate) -> the way this machine runs fastest.
+_ways_chosen: dict[tuple[int, int, int, bool], str] = {}
+_calibration_lock = threading.Lock()
+
 
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def _rows_per_call(n: int, k: int) -> int:
-    b = 1 << max(0, (_GEMV_CALL_ELEMENTS // k).bit_length() - 1)
+def _rows_per_call(n: int, k: int, m: int) -> int:
+    limit = _SMALL_CALL_ELEMENTS[0 if m == 1 else 1]
+    b = 1 << max(0, (limit // (m * k)).bit_length() - 1)
     while n % b:
         b //= 2
     return b
 
 
-def _gemv(x: mx.array, w: mx.array) -> mx.array | None:
-    """x [m, K] @ w[N, K].T as N/b small calls, or None when N has no useful block size."""
+def _small_calls(x: mx.array, w: mx.array, b: int) -> mx.array:
+    """x [m, K] @ w[N, K].T as N/b calls of b weight rows each."""
     n, k = w.shape
     m = x.shape[0]
-    b = _rows_per_call(n, k * m)
-    if b < 16:
-        return None
     y = x @ w.reshape(n // b, b, k).swapaxes(1, 2)  # [N/b, m, b]
     return y.reshape(1, n) if m == 1 else y.swapaxes(0, 1).reshape(m, n)
 
 
+def _split_small_calls(x: mx.array, w: mx.array, b: int) -> mx.array:
+    """The small calls, half of the weight rows on the other core's stream."""
+    h = w.shape[0] // 2
+    y1 = _small_calls(x, w[:h], b)
+    with mx.stream(_second_stream):
+        y2 = _small_calls(x, w[h:], b)
+    return mx.concatenate([y1, y2], axis=-1)
+
+
+def _way(m: int, k: int, b: int, weight: mx.array) -> str:
+    n = weight.shape[0]
+    timed_split = m > 1 and _TIMED_SPLIT_ELEMENTS <= n * k < _GEMV_SPLIT_ELEMENTS
+    key = (m, k, b, timed_split and n % (2 * b) == 0)
+    way = _ways_chosen.get(key)
+    if way is None:
+        with _calibration_lock:
+            way = _ways_chosen.get(key)
+            if way is None:
+                way = _ways_chosen[key] = _fastest_way(m, k, b, weight, key[3])
+    if way == SMALL and n * k >= _GEMV_SPLIT_ELEMENTS and n % (2 * b) == 0:
+        return SPLIT  # a matrix this large streams faster from two cores
+    return way
+
+
+def _fastest_way(m: int, k: int, b: int, weight: mx.array, split: bool) -> str:
+    """Time x @ w.T each way on (a slice of) this weight; the fastest way's name."""
+    step = 2 * b if split else b
+    rows = min(weight.shape[0], max(step, _CALIBRATION_ELEMENTS // k // step * step))
+    w = weight[:rows]
+    x = mx.random.normal((m, k), key=mx.random.key(0))
+    mx.eval(x, w)
+    ways = {PLAIN: lambda: x @ w.T, SMALL: lambda: _small_calls(x, w, b)}
+    if split:
+        ways[SPLIT] = lambda: _split_small_calls(x, w, b)
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for repeat in range(_CALIBRATION_REPEATS + 1):  # the first round only warms up
+        for name, way in ways.items():
+            tic = perf_counter()
+            mx.eval(way())
+            elapsed = perf_counter() - tic
+            if repeat:
+                times[name].append(elapsed)
+    return min(times, key=lambda name: min(times[name]))
+
+
 def linear(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T; up to 8 fp32 rows on the CPU take the small-call path described above."""
+    """x @ weight.T; on the CPU, fp32 products of up to MAX_SMALL_CALL_ROWS rows take the
+    small-call path (split over two cores) where this machine runs it faster (see the module
+    docstring)."""
     n, k = weight.shape
-    m = x.size // k if x.shape[-1] == k else 0
-    if not 1 <= m <= _SMALL_ROWS or weight.dtype != mx.float32 or not on_cpu():
+    if weight.dtype != mx.float32 or x.shape[-1] != k or not on_cpu():
         return x @ weight.T
-    x1 = x.reshape(m, k)
-    if n * k >= _GEMV_SPLIT_ELEMENTS and n % 32 == 0:
-        h = n // 2
-        y1 = _gemv(x1, weight[:h])
-        with mx.stream(_second_stream):
-            y2 = _gemv(x1, weight[h:])
-        y = None if y1 is None or y2 is None else mx.concatenate([y1, y2], axis=-1)
-    else:
-        y = _gemv(x1, weight)
-    if y is None:
+    m = x.size // k
+    if m > MAX_SMALL_CALL_ROWS:
         return x @ weight.T
-    return y.reshape(*x.shape[:-1], n)
+    b = _rows_per_call(n, k, m)
+    way = PLAIN if b < 16 else _way(m, k, b, weight)
+    if way == PLAIN:
+        return x @ weight.T
+    run = _split_small_calls if way == SPLIT else _small_calls
+    return run(x.reshape(m, k), weight, b).reshape(*x.shape[:-1], n)
 
 
 def _exp_neg(x: mx.array) -> mx.array:
