@@ -39,13 +39,7 @@ DEFAULT_PROMPT = "hello"
 @cli.prefill_step_size_option("Prompt tokens per prefill step (bounds memory for long prompts).")
 @cli.speculative_options
 @cli.kv_cache_options
-@click.option(
-    "--distributed",
-    type=click.Choice(["tensor", "pipeline"]),
-    default=None,
-    help="Run on the machines that mlx.launch started: tensor or pipeline parallel (rank 0 "
-    "prints).",
-)
+@cli.distributed_option
 @click.option(
     "--verbose",
     is_flag=True,
@@ -115,16 +109,10 @@ def main(
         model_dir = resolve_model_path(model)
         group = None
         if distributed is not None:
-            from ..model.distributed import init_group, load_distributed, shared_seed
+            from ..model.distributed import launched_group, load_distributed, shared_seed
 
-            group = init_group()
+            group = launched_group(distributed, "generate")
             rank0 = group.rank() == 0
-            if group.size() == 1:
-                raise UserError(
-                    "--distributed needs the processes that mlx.launch starts, e.g. `mlx.launch "
-                    "--hosts mac1,mac2 python -m mlx_qwen35.generate ... --distributed "
-                    f"{distributed}`; started alone this is one machine: drop --distributed"
-                )
             seed = shared_seed(seed, group)  # every rank must sample the same tokens
         # Will it fit? Checked before any weight is read.
         context = fit.count_tokens(model_dir, [prompt, system or ""]) + max_tokens

@@ -221,3 +221,12 @@ kv_cache_options = options(
         help="With --kv-bits, quantize once the cache holds this many tokens.",
     ),
 )
+
+
+distributed_option = click.option(
+    "--distributed",
+    type=click.Choice(["tensor", "pipeline"]),
+    default=None,
+    help="Run on the machines that mlx.launch started: tensor or pipeline parallel (rank 0 "
+    "prints).",
+)

@@ -1,7 +1,7 @@
 """`python -m mlx_qwen35.server`: OpenAI, Anthropic and Responses APIs over the engine.
 
-Options that the other workers add (--distributed) go into
-`server_options` below as shared decorators from options.py, and into `ServerConfig`.
+With `--distributed tensor|pipeline` under mlx.launch, rank 0 serves HTTP and every other rank
+runs the same engine steps as a follower (engine/step_sync.py); only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def server_options(f: Any) -> Any:
             show_default=True,
             help="Largest request body accepted (413 beyond).",
         ),
+        cli.distributed_option,
         click.option(
             "--log-level",
             type=click.Choice(["debug", "info", "warning", "error"]),
@@ -96,14 +97,61 @@ def server_options(f: Any) -> Any:
 @server_options
 def main(**flags: Any) -> None:
     """Serve a Qwen3.5 model over the OpenAI, Anthropic and Responses APIs."""
+    rank0 = True
     try:
         config = config_from_flags(flags)
-        serve(config, flags["host"], flags["port"], flags["dtype"], flags["log_level"])
+        group = None
+        if config.distributed is not None:
+            from ..model.distributed import launched_group
+
+            group = launched_group(config.distributed, "server")
+            rank0 = group.rank() == 0
+        check_fit(config, flags["dtype"], group, warn=rank0)
+        if rank0:
+            serve(config, flags["host"], flags["port"], flags["dtype"], flags["log_level"], group)
+        else:
+            follow_rank0(config, flags["dtype"], group)
     except UserError as e:
-        click.echo(f"Error: {e}", err=True)
+        if rank0:
+            click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except RuntimeError as e:  # a follower whose rank 0 went away (the ring says so)
+        if rank0:
+            raise
+        click.echo(f"Error: rank {group.rank()} lost rank 0 ({e})", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# The server's fit check: each of --max-concurrency rows may hold a prompt of this many tokens
+# plus a --max-tokens reply (capped by the model's context). Longer prompts are served, in
+# whatever memory is left; this is the load the server must at least carry.
+FIT_PROMPT_TOKENS = 4096
+
+
+def check_fit(config: Any, dtype: str | None, group: Any, warn: bool = True) -> Any:
+    """Will it fit? Before any weight is read: refuse in one line, or warn when tight."""
+    from ..model.config import load_config
+    from ..weights import fit
+    from ..weights.loading import resolve_model_path
+
+    model_dir = resolve_model_path(config.model)
+    limit = load_config(model_dir).text.max_position_embeddings
+    context = min(FIT_PROMPT_TOKENS + config.max_tokens, limit)
+    estimate = fit.check_fit(
+        model_dir,
+        context,
+        dtype=dtype,
+        batch=config.max_concurrency,
+        machines=group.size() if group is not None else 1,
+        kv_bits=config.kv_bits,
+        kv_group_size=config.kv_group_size,
+    )
+    warning = fit.tight_warning(estimate)
+    if warn and warning:
+        click.echo(warning, err=True)
+    return estimate
 
 
 def config_from_flags(flags: dict[str, Any]) -> Any:
@@ -136,6 +184,8 @@ def config_from_flags(flags: dict[str, Any]) -> Any:
     )
     cli.check_speculative(flags["draft_model"], flags["num_draft_tokens"], flags["draft_vocab"])
     check_kv_settings(flags["kv_bits"], flags["kv_group_size"], flags["quantized_kv_start"])
+    if flags["distributed"] is not None and flags["draft_model"] is not None:
+        raise UserError("--draft-model does not run with --distributed; drop one of them")
     return ServerConfig(
         model=flags["model"],
         served_model_names=list(flags["served_model_names"]),
@@ -155,27 +205,61 @@ def config_from_flags(flags: dict[str, Any]) -> Any:
         kv_bits=flags["kv_bits"],
         kv_group_size=flags["kv_group_size"],
         quantized_kv_start=flags["quantized_kv_start"],
+        distributed=flags["distributed"],
     )
 
 
-def build_state(config: Any, dtype: str | None = None) -> Any:
-    """Load the model and start the engine: the ServerState an app serves."""
+def build_engine(config: Any, dtype: str | None = None, group: Any = None) -> Any:
+    """Load the model (this rank's part of it with --distributed) and make its engine."""
     from ..engine.scheduler import Engine
-    from ..server.state import ServerState
-    from ..weights.loading import load
 
-    model, processor = load(config.model, dtype=dtype)
+    prefix_bytes = int(config.prefix_cache_gb * 1e9)
+    if config.distributed is not None:
+        from ..engine.step_sync import StepSync, prefix_cache_ok
+        from ..model.distributed import load_distributed
+
+        model, processor, group = load_distributed(config.model, config.distributed, dtype, group)
+        if not prefix_cache_ok(config.distributed):
+            prefix_bytes = 0
+    else:
+        from ..weights.loading import load
+
+        model, processor = load(config.model, dtype=dtype)
     engine = Engine(
-        model,
-        processor,
-        max_batch_size=config.max_concurrency,
-        prefix_cache_bytes=int(config.prefix_cache_gb * 1e9),
+        model, processor, max_batch_size=config.max_concurrency, prefix_cache_bytes=prefix_bytes
     )
+    if config.distributed is not None:
+        engine.sync = StepSync(group)
+    return engine
+
+
+def build_state(config: Any, dtype: str | None = None, group: Any = None) -> Any:
+    """Load the model and start the engine: the ServerState an app serves."""
+    from ..server.state import ServerState
+
+    engine = build_engine(config, dtype, group)
     engine.start()
-    return ServerState(config, model, processor, engine)
+    return ServerState(config, engine.model, engine.processor, engine)
 
 
-def serve(config: Any, host: str, port: int, dtype: str | None, log_level: str) -> None:
+def follow_rank0(config: Any, dtype: str | None, group: Any) -> None:
+    """A rank > 0 of a --distributed server: no HTTP, the same engine steps as rank 0 until it
+    stops (engine/step_sync.py)."""
+    import signal
+
+    from ..engine.step_sync import follow
+
+    engine = build_engine(config, dtype, group)
+    # Rank 0 decides when to stop and says so (or goes away, which the ring reports): a Ctrl-C
+    # that the terminal sends every rank must not end a follower while rank 0 still steps.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    follow(engine, engine.sync)
+
+
+def serve(
+    config: Any, host: str, port: int, dtype: str | None, log_level: str, group: Any = None
+) -> None:
     """Load the model, bind the address, print the URL, serve until Ctrl-C or SIGTERM."""
     import logging
     import signal
@@ -195,7 +279,7 @@ def serve(config: Any, host: str, port: int, dtype: str | None, log_level: str) 
     except OSError as e:
         message = f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port"
         raise UserError(message) from e
-    state = build_state(config, dtype)
+    state = build_state(config, dtype, group)
     app = create_app(state)
     shown = f"[{host}]" if ":" in host else host
     # The socket is listening already: a client that reads this line can connect at once.
@@ -211,4 +295,6 @@ def serve(config: Any, host: str, port: int, dtype: str | None, log_level: str) 
         server.run(sockets=[sock])
     finally:
         state.engine.stop()
+        if state.engine.sync is not None:
+            state.engine.sync.close(state.engine)  # the followers exit
         sock.close()

@@ -136,6 +136,8 @@ class Row:
     ):
         request = handle.request
         self.handle_ref = weakref.ref(handle)
+        self.uid = handle.uid
+        self.failed = False  # failed on rank 0 and left for the next step (step_sync.py)
         self.stats = handle.stats
         self.request = request
         self.prompt = [int(t) for t in request.prompt]

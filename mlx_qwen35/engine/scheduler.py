@@ -37,8 +37,8 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import UserError
-from ..model.cache import owned_copy
 from .batch_cache import Batch
+from .pending import Pending
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .request import Request, RequestHandle, TokenEvent
 from .rows import Row, check_request
@@ -89,6 +89,7 @@ class Engine:
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
         self._uids = itertools.count()
+        self._incoming: deque[Row] = deque()  # submitted since the last step began
         self._waiting: deque[Row] = deque()
         self._prefilling: Row | None = None
         self._running: list[Row] = []
@@ -98,18 +99,26 @@ class Engine:
         self._wired: int | None = None  # the wired-memory limit to restore when idle (Metal)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # A StepSync (step_sync.py) when the model is spread over several processes: every rank
+        # then runs the same steps over the same rows, as rank 0 decides.
+        self.sync: Any = None
 
     # ------------------------------------------------------------------ public
 
     def submit(self, request: Request) -> RequestHandle:
         """Queue a request; iterate the returned handle for its tokens."""
         check_request(request, self.model)
+        if self.sync is not None:
+            self.sync.check(request)
         handle = RequestHandle(self, request, next(self._uids))
-        row = Row(handle, self.model, self._stop_ids, self._media_ids, self.processor)
+        row = self._row(handle)
         with self._cv:
-            self._waiting.append(row)
+            self._incoming.append(row)
             self._cv.notify_all()
         return handle
+
+    def _row(self, handle: RequestHandle) -> Row:
+        return Row(handle, self.model, self._stop_ids, self._media_ids, self.processor)
 
     @property
     def num_running(self) -> int:
@@ -117,10 +126,12 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + (self._prefilling is not None)
+        return len(self._incoming) + len(self._waiting) + (self._prefilling is not None)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling is not None or self._running)
+        return bool(
+            self._incoming or self._waiting or self._prefilling is not None or self._running
+        )
 
     def step(self) -> None:
         """One scheduler step (see the module docstring). Thread-safe; blocks while another
@@ -190,7 +201,7 @@ class Engine:
         self._wire(True)
         try:
             with mx.stream(self._stream):
-                self._drop_cancelled()
+                self._drop_cancelled(self._begin_step())
                 if self._running:
                     self._decode()
                 if self._prefilling is None and len(self._running) < self.max_batch_size:
@@ -222,20 +233,36 @@ class Engine:
             mx.set_wired_limit(self._wired)
             self._wired = None
 
-    def _drop_cancelled(self) -> None:
+    def _begin_step(self) -> set[int] | None:
+        """Queue the requests submitted since the last step. With a sync, the ranks agree on
+        them and on the rows to drop: returns those rows' uids (None: the ones cancelled now)."""
         with self._cv:
-            for row in [r for r in self._waiting if r.cancelled]:
+            new = list(self._incoming)
+            self._incoming.clear()
+        doomed = None
+        if self.sync is not None:
+            new, doomed = self.sync.exchange(self, new)
+        with self._cv:
+            self._waiting.extend(new)
+        return doomed
+
+    def _drop_cancelled(self, doomed: set[int] | None = None) -> None:
+        def gone(r: Row) -> bool:
+            return r.cancelled if doomed is None else r.uid in doomed
+
+        with self._cv:
+            for row in [r for r in self._waiting if gone(r)]:
                 self._waiting.remove(row)
                 self._finish(row, "cancelled")
-        if self._prefilling is not None and self._prefilling.cancelled:
+        if self._prefilling is not None and gone(self._prefilling):
             row, self._prefilling = self._prefilling, None
             row.cache = None
             self._finish(row, "cancelled")
-        gone = [i for i, r in enumerate(self._running) if r.cancelled]
-        if gone:
-            for i in gone:
+        gone_rows = [i for i, r in enumerate(self._running) if gone(r)]
+        if gone_rows:
+            for i in gone_rows:
                 self._finish(self._running[i], "cancelled")
-            self._remove(gone)
+            self._remove(gone_rows)
 
     def _prefill(self, row: Row) -> None:
         try:
@@ -243,9 +270,11 @@ class Engine:
                 row.admit(self.model, self.prefix_cache)
             if not row.prefill_chunk(self.model, self.prefill_step_size, self.prefix_cache):
                 return
-            pending = row.first_token()
+            pending = self._agree(row.first_token())
             if row.sampler.error is not None:
-                raise row.sampler.error
+                if self.sync is None:
+                    raise row.sampler.error
+                self._fail_later(row)
         except Exception as e:  # the request fails, the engine goes on
             self._prefilling = None
             row.cache = None
@@ -274,7 +303,7 @@ class Engine:
         try:
             if any(len(r.generated) + 1 < r.max_tokens for r in rows):
                 out = self._forward(rows, tokens)
-                sampled = sample_batch(out, [r.sampler for r in rows], tokens)
+                sampled = self._agree(sample_batch(out, [r.sampler for r in rows], tokens))
                 following = Pending.of(*sampled)
                 following.schedule(self._cache.arrays())
                 for i, r in enumerate(rows):
@@ -292,7 +321,10 @@ class Engine:
         with self._cv:
             for i, r in enumerate(rows):
                 reason = self._emit(r, i, ids[i], pending.logits[i], top, now)
-                if reason is not None or r.sampler.error is not None:
+                failing = r.sampler.error is not None
+                if failing and reason is None and self.sync is not None:
+                    self._fail_later(r)
+                elif reason is not None or failing:
                     finished.append(i)
         self._steps += 1
         if self._steps % CLEAR_CACHE_EVERY == 0:
@@ -361,6 +393,19 @@ class Engine:
                 r.keep_final(cache, self.prefix_cache)
             self._remove([0])
 
+    def _agree(self, sampled: tuple[mx.array, mx.array, Any]) -> tuple[mx.array, mx.array, Any]:
+        """With a sync, every rank takes rank 0's tokens (one lazy collective)."""
+        if self.sync is None:
+            return sampled
+        tokens, logits, top = sampled
+        return self.sync.agree(tokens), logits, top
+
+    def _fail_later(self, row: Row) -> None:
+        """With a sync, a row whose logits processor failed (on rank 0 only, where processors
+        run) fails for its caller now and leaves at the next step, on every rank at once."""
+        self._finish(row, "error", row.sampler.error)
+        row.failed = True
+
     def _convert_if_due(self, i: int, r: Row) -> None:
         """Row i's KV cache reaches its quantized_kv_start on this step: from the next one it
         decodes quantized, in the batch of its new format (kv_settings.py)."""
@@ -418,51 +463,6 @@ class Engine:
             with self._cv:
                 handle._finish(reason, error)
                 self._cv.notify_all()
-
-
-class Pending:
-    """Tokens sampled for the running rows but not yet handed out: tokens [B]; logits: each row's
-    adjusted logits [V] (its own buffer when B > 1, so that an event kept by a consumer holds one
-    row, not the batch's); top: the top log-probabilities (ids [B, k], values [B, k]) or None."""
-
-    def __init__(self, tokens: mx.array, logits: list[mx.array], top: Any):
-        self.tokens, self.logits, self.top = tokens, logits, top
-
-    @classmethod
-    def of(cls, tokens: mx.array, logits: mx.array, top: Any) -> Pending:
-        B = logits.shape[0]
-        rows = [logits[0]] if B == 1 else [owned_copy(logits[i]) for i in range(B)]
-        return cls(tokens, rows, top)
-
-    def schedule(self, extra: list[mx.array] = ()) -> None:
-        """Queue the computation (the step after this one is built before these are read)."""
-        mx.async_eval(self.tokens, self.logits, list(self.top or ()), list(extra))
-
-    def top_lists(self) -> tuple[list, list] | None:
-        return None if self.top is None else (self.top[0].tolist(), self.top[1].tolist())
-
-    def select(self, keep: list[int]) -> Pending:
-        sel = mx.array(keep)
-        top = None if self.top is None else (self.top[0][sel], self.top[1][sel])
-        return Pending(self.tokens[sel], [self.logits[i] for i in keep], top)
-
-    def join(self, other: Pending) -> Pending:
-        tokens = mx.concatenate([self.tokens, other.tokens])
-        top = None
-        if self.top is not None or other.top is not None:
-            k = max(p.top[0].shape[1] for p in (self, other) if p.top is not None)
-            (a_ids, a_vals), (b_ids, b_vals) = (p._top_padded(k) for p in (self, other))
-            top = (mx.concatenate([a_ids, b_ids]), mx.concatenate([a_vals, b_vals]))
-        return Pending(tokens, self.logits + other.logits, top)
-
-    def _top_padded(self, k: int) -> tuple[mx.array, mx.array]:
-        rows = self.tokens.size
-        if self.top is None:
-            return mx.zeros((rows, k), mx.uint32), mx.full((rows, k), -float("inf"))
-        pad = k - self.top[0].shape[1]
-        ids = mx.pad(self.top[0].astype(mx.uint32), [(0, 0), (0, pad)])
-        vals = mx.pad(self.top[1], [(0, 0), (0, pad)], constant_values=-float("inf"))
-        return ids, vals
 
 
 _engines_lock = threading.Lock()

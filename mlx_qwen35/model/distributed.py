@@ -38,6 +38,19 @@ def init_group() -> Any:
     return mx.distributed.init()
 
 
+def launched_group(mode: str, command: str) -> Any:
+    """The group of a `--distributed mode` run of `python -m mlx_qwen35.<command>`; a one-line
+    UserError when it was started without mlx.launch (a group of one)."""
+    group = init_group()
+    if group.size() == 1:
+        raise UserError(
+            "--distributed needs the processes that mlx.launch starts, e.g. `mlx.launch "
+            f"--hosts mac1,mac2 python -m mlx_qwen35.{command} ... --distributed {mode}`; "
+            "started alone this is one machine: drop --distributed"
+        )
+    return group
+
+
 def _check_divisible(model: Any, n: int) -> None:
     t = model.args
     need = {

@@ -154,6 +154,13 @@ def prepare(state: Any, call: Call) -> Prepared:
     sampling = _sampling(config, call, thinking)
     processors = _processors(state, call, tools, thinking, len(ids))
     embeddings = positions = None
+    if arrays and config.distributed is not None:
+        raise APIError(
+            400,
+            "this server runs with --distributed and serves text only; send images and videos "
+            "to a server started without --distributed",
+            param="messages",
+        )
     if arrays:
         with state.media_lock:  # one vision tower run at a time, beside the engine
             embeddings, positions = state.model.prepare_inputs(mx.array([ids]), **arrays)

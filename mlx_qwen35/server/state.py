@@ -38,6 +38,7 @@ class ServerConfig:
     kv_bits: int | None = None  # KV-cache quantization of every request (engine/kv_settings.py)
     kv_group_size: int = 64
     quantized_kv_start: int = 5000
+    distributed: str | None = None  # "tensor" or "pipeline": rank 0 of an mlx.launch run
 
     @property
     def model_names(self) -> list[str]:

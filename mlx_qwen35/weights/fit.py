@@ -214,9 +214,11 @@ def check_fit(
     kv_group_size: int = 64,
     prefill_step_size: int = 2048,
     capacity: tuple[int, str] | None = None,
+    batch: int = 1,
 ) -> FitEstimate:
-    """The estimate for the checkpoint in `model_dir`, before anything is loaded; a
-    configuration that cannot fit raises a one-line UserError naming the options."""
+    """The estimate for the checkpoint in `model_dir`, before anything is loaded, for `batch`
+    sequences of `context` tokens; a configuration that cannot fit raises a one-line UserError
+    naming the options."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     total, whole, act = checkpoint_bytes(model_dir, dtype)
@@ -231,6 +233,7 @@ def check_fit(
         prefill_step_size=prefill_step_size,
         machines=machines,
         capacity=capacity,
+        batch=batch,
     )
     if est.capacity and not est.fits:
         raise UserError(
