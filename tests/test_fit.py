@@ -122,3 +122,54 @@ def test_generate_distributed_alone_says_how_to_launch(tiny):
         generate_main, ["--model", str(tiny), "--prompt", "hi", "--distributed", "tensor"]
     )
     assert result.exit_code == 1 and "mlx.launch" in result.output
+
+
+def test_chat_refuses_before_loading(tiny, monkeypatch):
+    from mlx_qwen35.cli.chat import main as chat_main
+
+    loaded = []
+    monkeypatch.setattr(fit, "machine_capacity", lambda: (10_000, "a tiny machine"))
+    monkeypatch.setattr(
+        "mlx_qwen35.weights.loading.load", lambda *a, **k: loaded.append(a) or (None, None)
+    )
+    result = CliRunner().invoke(chat_main, ["--model", str(tiny)], input="")
+    assert result.exit_code == 1 and not loaded
+    assert result.output.startswith("Error: ") and "will not fit" in result.output
+    assert result.output.count("\n") == 1
+
+
+def test_server_checks_the_fit_for_every_concurrent_row(tiny, monkeypatch):
+    """--max-concurrency rows of FIT_PROMPT_TOKENS + --max-tokens each: a machine with room for
+    one such row but not eight refuses the default in one line and serves one at a time."""
+    from mlx_qwen35.cli import server
+
+    context = server.FIT_PROMPT_TOKENS + 100
+    one = fit.check_fit(tiny, context, capacity=MAC).total
+    eight = fit.check_fit(tiny, context, batch=8, capacity=MAC).total
+    assert eight > one
+    monkeypatch.setattr(fit, "machine_capacity", lambda: ((one + eight) // 2, "a small machine"))
+
+    def load(*args, **kwargs):
+        raise UserError("stub: the weights would load now")
+
+    monkeypatch.setattr("mlx_qwen35.weights.loading.load", load)
+    args = ["--model", str(tiny), "--max-tokens", "100", "--port", "0"]
+    result = CliRunner().invoke(server.main, args)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "will not fit" in result.output
+    assert result.output.count("\n") == 1
+    result = CliRunner().invoke(server.main, [*args, "--max-concurrency", "1"])
+    assert "stub: the weights would load now" in result.output, result.output
+
+
+def test_server_distributed_alone_or_with_a_draft_is_refused(tiny):
+    from mlx_qwen35.cli import server
+
+    result = CliRunner().invoke(server.main, ["--model", str(tiny), "--distributed", "tensor"])
+    assert result.exit_code == 1 and "mlx.launch" in result.output
+    assert "python -m mlx_qwen35.server" in result.output
+    args = ["--model", str(tiny), "--distributed", "pipeline", "--draft-model", "mtp"]
+    result = CliRunner().invoke(server.main, args)
+    assert result.exit_code == 1 and "--draft-model does not run with --distributed" in (
+        result.output
+    )

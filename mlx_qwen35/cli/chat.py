@@ -324,10 +324,11 @@ def main(
 ) -> None:
     """Chat with a Qwen3.5 model in the terminal (/help lists the commands)."""
     from ..engine.sampling import check_sampling
-    from ..engine.session import ChatSession
+    from ..engine.session import DEFAULT_MAX_TOKENS, ChatSession
     from ..inputs.processor import apply_media_options, check_media_options
     from ..model.cache import check_kv_settings
-    from ..weights.loading import load
+    from ..weights import fit
+    from ..weights.loading import load, resolve_model_path
 
     given = {
         "max_tokens": max_tokens,
@@ -373,7 +374,25 @@ def main(
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         cli.check_speculative(draft_model, num_draft_tokens, draft_vocab)
         check_kv_settings(kv_bits, kv_group_size, quantized_kv_start)
-        qwen, processor = load(model, dtype=dtype)
+        model_dir = resolve_model_path(model)
+        # Will it fit? Checked before any weight is read, for the least a chat needs: the system
+        # prompt and one reply. A conversation grows past that turn by turn (the session says
+        # when it reaches the model's context).
+        context = fit.count_tokens(model_dir, [system or ""]) + (max_tokens or DEFAULT_MAX_TOKENS)
+        estimate = fit.check_fit(
+            model_dir,
+            context,
+            dtype=dtype,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            prefill_step_size=prefill_step_size,
+        )
+        warning = fit.tight_warning(estimate)
+        if warning:
+            click.echo(warning, err=True)
+        if verbose:
+            click.echo(f"Will it fit? {estimate.summary()}", err=True)
+        qwen, processor = load(model_dir, dtype=dtype)
         processor = apply_media_options(
             processor, fps=fps, max_pixels=max_pixels, max_frames=max_frames
         )

@@ -279,7 +279,11 @@ def serve(
     except OSError as e:
         message = f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port"
         raise UserError(message) from e
-    state = build_state(config, dtype, group)
+    try:
+        state = build_state(config, dtype, group)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(state)
     shown = f"[{host}]" if ":" in host else host
     # The socket is listening already: a client that reads this line can connect at once.
