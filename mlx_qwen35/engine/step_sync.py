@@ -82,9 +82,13 @@ class StepSync:
     # ---------------------------------------------------------------- driving
 
     def close(self, engine: Any) -> None:
-        """Rank 0: tell the followers to exit (once the engine has stopped stepping)."""
-        with mx.stream(engine._stream):
-            self._broadcast(None)
+        """Rank 0: tell the followers to exit (once the engine has stopped stepping). Followers
+        already gone (the ring lost them) need no telling."""
+        try:
+            with mx.stream(engine._stream):
+                self._broadcast(None)
+        except RuntimeError:
+            pass
 
     def _broadcast(self, data: bytes | None) -> bytes | None:
         """Rank 0's bytes on every rank (None: shut down); followers pass anything."""
