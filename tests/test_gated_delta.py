@@ -174,6 +174,25 @@ def test_chunked_default_segments_and_large_chunks():
         assert_within_bar(y, s, y32, s32, y64, s64)
 
 
+def test_fast_decay_heads_flush_their_subnormal_decays():
+    """Heads with g ~ 0.01-0.1 make decay products of a 32-token chunk fall far below fp32's
+    normal range; the chunked path zeroes those under FLUSH_BELOW (subnormal arithmetic is ~100x
+    slower on x86) and still meets the accuracy bar."""
+    from mlx_qwen35.model.gated_delta import chunked
+
+    decays = mx.array([1.0, 1e-3, 2 * chunked.FLUSH_BELOW, chunked.FLUSH_BELOW / 2, 1e-39, 0.0])
+    kept = decays.tolist()[:3]
+    assert chunked._flush(decays).tolist() == [*kept, 0.0, 0.0, 0.0]
+    case = list(make_case("random", 1, 96, 2, 4, 32, 16, seed=7))
+    rng = np.random.default_rng(7)
+    case[3] = rng.uniform(0.01, 0.1, case[3].shape).astype(np.float32)
+    q, k, v, g, beta, state = to_mx(*case)
+    y64, s64 = np_recurrence(*case)
+    y32, s32 = gated_delta_reference(q, k, v, g, beta, state)
+    y, s = chunked_gated_delta(q, k, v, g, beta, state)
+    assert_within_bar(y, s, y32, s32, y64, s64)
+
+
 def test_zero_initial_state_and_none_agree():
     case = make_case("random", 2, 40, 2, 4, 16, 8, seed=4, with_state=False)
     q, k, v, g, beta, _ = to_mx(*case)
