@@ -173,3 +173,15 @@ def test_server_distributed_alone_or_with_a_draft_is_refused(tiny):
     assert result.exit_code == 1 and "--draft-model does not run with --distributed" in (
         result.output
     )
+
+
+def test_generate_distributed_with_a_draft_is_refused_before_loading(tiny):
+    from mlx_qwen35.cli import generate
+
+    args = ["--model", str(tiny), "--prompt", "hi", "--distributed", "tensor"]
+    result = CliRunner().invoke(generate.main, [*args, "--draft-model", "mtp"])
+    assert result.exit_code == 1
+    assert (
+        result.output.strip()
+        == "Error: --draft-model does not run with --distributed; drop one of them"
+    )

@@ -104,6 +104,9 @@ def main(
         )
         check_media_options(fps=fps, max_pixels=max_pixels, max_frames=max_frames)
         cli.check_speculative(draft_model, num_draft_tokens, draft_vocab)
+        if distributed is not None and draft_model is not None:
+            # The MTP head and draft models are not sharded: each rank would draft on its own.
+            raise UserError("--draft-model does not run with --distributed; drop one of them")
         check_kv_settings(kv_bits, kv_group_size, quantized_kv_start)
         _check_text_prompt(prompt)
         model_dir = resolve_model_path(model)
