@@ -77,6 +77,8 @@ def run_contexts(
 ) -> None:
     """Print one block per context length. kv: (kv_bits, kv_group_size, quantized_kv_start);
     `run(entry, prompt)` times one run (cli.timed_run with the entry's backend and KV hook)."""
+    from .cli import _median, _ratio  # cli imports this module
+
     kv_bits, kv_group_size, quantized_kv_start = kv
     kv_text = "unquantized KV" if kv_bits is None else f"{kv_bits}-bit KV (group {kv_group_size})"
     start = "" if kv_bits is None else f", quantized from {quantized_kv_start} tokens"
@@ -96,8 +98,6 @@ def run_contexts(
             results = []
             for _ in range(repeats):
                 results.append(run(e, prompt))
-            from .cli import _median  # cli imports this module
-
             m = _median(results)
             medians[e.label] = m
             over = m.peak_gb - m.resident_gb - m.cache_gb
@@ -115,7 +115,3 @@ def run_contexts(
                         f"{_ratio(m.generation_tps, theirs.generation_tps)}, peak over resident "
                         f"{_ratio(m.peak_gb - m.resident_gb, theirs.peak_gb - theirs.resident_gb)}"
                     )
-
-
-def _ratio(ours: float, theirs: float) -> str:
-    return f"{ours / theirs:.2f}x" if theirs > 0 else "n/a"
